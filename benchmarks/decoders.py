@@ -1,0 +1,74 @@
+"""Forward+backward time of every tiny registered model, eager vs ``torch.compile``.
+
+Run from the repository root::
+
+    python benchmarks/decoders.py                      # every *_tiny model, 448x576, batch 1
+    python benchmarks/decoders.py --models mtmamba_tiny --size 448 576 --iters 3
+
+Prints, per model, the median eager and compiled step times, the compiled speed-up
+(eager / compiled, measured in the same run) and the one-off compile time. Compiling with Inductor
+takes minutes per model on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mtssm.nn import create_model, list_models
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor) -> None:
+    out = model(x)
+    loss = sum(v.float().square().mean() for v in out.values())
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def _time(model: torch.nn.Module, x: torch.Tensor, iters: int, warmup: int) -> tuple[float, float]:
+    """(seconds of the first ``warmup`` steps, median seconds of the next ``iters`` steps)."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        _step(model, x)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        _step(model, x)
+        times.append(time.perf_counter() - t)
+    return first, statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=None, help="model names (default: every *_tiny model)")
+    parser.add_argument("--size", nargs=2, type=int, default=(448, 576), metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.models or list_models("*_tiny")
+    x = torch.randn(args.batch, 3, *args.size)
+    print(f"input {tuple(x.shape)}, {torch.get_num_threads()} threads, backend {args.backend}, torch {torch.__version__}")
+    print(f"{'model':<22} {'params':>8} {'eager s':>9} {'compiled s':>11} {'speed-up':>9} {'compile s':>10}")
+    for name in names:
+        torch.manual_seed(0)
+        model = create_model(name).train()
+        n = sum(p.numel() for p in model.parameters())
+        _, eager = _time(model, x, args.iters, args.warmup)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend=args.backend)
+        build, comp = _time(compiled, x, args.iters, max(args.warmup, 1))
+        print(f"{name:<22} {n / 1e6:>7.2f}M {eager:>9.3f} {comp:>11.3f} {eager / comp:>8.2f}x {build:>10.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

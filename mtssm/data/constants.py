@@ -1,0 +1,88 @@
+"""Task lists, class counts, class names and ignore values shared by every dataset."""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Tasks each dataset provides, in the order the papers list them.
+TASKS_BY_DATASET: Final[dict[str, tuple[str, ...]]] = {
+    "nyud": ("semseg", "depth", "normals", "edge"),
+    "pascal": ("semseg", "human_parts", "sal", "normals", "edge"),
+    "cityscapes": ("semseg", "depth"),
+}
+
+#: Number of classes of each multi-class task, per dataset (``sal`` and ``edge`` are binary
+#: {0, 1} maps; ``depth`` and ``normals`` are regression targets).
+NUM_CLASSES: Final[dict[str, dict[str, int]]] = {
+    "nyud": {"semseg": 40},
+    "pascal": {"semseg": 21, "human_parts": 7},
+    "cityscapes": {"semseg": 19},
+}
+
+#: Label value that losses and metrics ignore (``semseg``, ``human_parts``, ``sal``, ``edge``).
+IGNORE_INDEX: Final[int] = 255
+
+#: ImageNet statistics used to normalise images (RGB, on [0, 1] values).
+IMAGENET_MEAN: Final[tuple[float, float, float]] = (0.485, 0.456, 0.406)
+IMAGENET_STD: Final[tuple[float, float, float]] = (0.229, 0.224, 0.225)
+
+#: Padding value of every key: labels 255 (ignored), depth and normals 0 (invalid), image 0.
+PAD_VALUES: Final[dict[str, float]] = {
+    "image": 0.0,
+    "semseg": IGNORE_INDEX,
+    "human_parts": IGNORE_INDEX,
+    "sal": IGNORE_INDEX,
+    "edge": IGNORE_INDEX,
+    "depth": 0.0,
+    "normals": 0.0,
+}
+
+#: Train crop size (H, W) of each dataset, as in the papers.
+TRAIN_CROP_SIZE: Final[dict[str, tuple[int, int]]] = {
+    "nyud": (448, 576),
+    "pascal": (512, 512),
+    "cityscapes": (512, 1024),
+}
+
+#: NYUDv2 40-class names; stored label v in 1..40 is class v - 1 (0 = unlabelled).
+NYUD_CLASSES: Final[tuple[str, ...]] = (
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+    "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
+    "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
+    "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
+    "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop",
+)  # fmt: skip
+
+#: PASCAL VOC 21 classes (background first) used by PASCAL-Context semantic segmentation.
+PASCAL_CLASSES: Final[tuple[str, ...]] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+#: PASCAL-Part person part names -> the 6 parts used for ``human_parts`` (0 = background):
+#: 1 head, 2 torso, 3 upper arms, 4 lower arms, 5 upper legs, 6 lower legs.
+PASCAL_PERSON_PARTS: Final[dict[str, int]] = {
+    "hair": 1, "head": 1, "lear": 1, "lebrow": 1, "leye": 1, "mouth": 1, "nose": 1, "rear": 1,
+    "rebrow": 1, "reye": 1, "neck": 2, "torso": 2, "luarm": 3, "ruarm": 3, "lhand": 4, "llarm": 4,
+    "rhand": 4, "rlarm": 4, "luleg": 5, "ruleg": 5, "lfoot": 6, "llleg": 6, "rfoot": 6, "rlleg": 6,
+}  # fmt: skip
+
+#: VOC class index of ``person`` in PASCAL-Part ``anno.objects.class_ind``.
+PASCAL_PERSON_CLASS: Final[int] = 15
+
+#: Cityscapes 19 train classes.
+CITYSCAPES_CLASSES: Final[tuple[str, ...]] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
+
+#: Cityscapes ``labelIds`` (0..33, -1 = license plate) -> train id (0..18, 255 = ignored).
+CITYSCAPES_LABEL_TO_TRAIN: Final[dict[int, int]] = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+    26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
+
+#: Cityscapes depth range in metres: 0 < d < 80 is valid, anything else becomes 0 (invalid).
+CITYSCAPES_MAX_DEPTH: Final[float] = 80.0

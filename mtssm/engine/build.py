@@ -1,0 +1,123 @@
+"""Turn a validated recipe into the parts a run needs: data root, datasets, model and loss."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mtssm.engine.config import RecipeConfig
+
+__all__ = [
+    "DatasetNotFoundError",
+    "build_components",
+    "build_eval_set",
+    "build_model",
+    "recipe_tasks",
+    "render_cache_dir",
+    "rendered_data_root",
+    "resolve_data_root",
+]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """No dataset at the configured root; the message says where it looked and what to do."""
+
+
+def recipe_tasks(cfg: RecipeConfig) -> list[str]:
+    """The recipe's tasks: ``data.tasks`` or every task of ``data.dataset``."""
+    from mtssm.data.constants import TASKS_BY_DATASET
+
+    return list(cfg.data.tasks or TASKS_BY_DATASET[cfg.data.dataset])
+
+
+def build_model(cfg: RecipeConfig) -> nn.Module:
+    """The registered model ``model.name`` for the recipe's dataset and tasks, with ``model.args``."""
+    from mtssm.nn import create_model, list_models
+
+    if cfg.model.name not in list_models():
+        raise ValueError(f"model.name: unknown model {cfg.model.name!r}; valid models: {', '.join(list_models())}")
+    args: dict[str, Any] = {"dataset": cfg.data.dataset, "tasks": recipe_tasks(cfg), **cfg.model.args}
+    return create_model(cfg.model.name, **args)
+
+
+def render_cache_dir(cfg: RecipeConfig) -> Path:
+    """Where ``--data rendered`` keeps the scenes: ``$MTSSM_CACHE`` or ``~/.cache/mtssm``, then
+    ``rendered/<layout>-<H>x<W>-<n>``."""
+    base = Path(os.environ.get("MTSSM_CACHE", Path.home() / ".cache" / "mtssm")).expanduser()
+    h, w = cfg.data.render_size
+    return base / "rendered" / f"{cfg.data.dataset}-{h}x{w}-{cfg.data.render_n}"
+
+
+def rendered_data_root(cfg: RecipeConfig, echo: Any = print) -> Path:
+    """Render the recipe's scenes into the cache on first use (atomically) and return the root."""
+    from mtssm.data import render_scenes
+
+    root = render_cache_dir(cfg)
+    done = root / ".complete"
+    if done.is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    echo(f"rendering {cfg.data.render_n} {cfg.data.dataset} scenes of {cfg.data.render_size} into {root} ...")
+    render_scenes(tmp, layout=cfg.data.dataset, n=cfg.data.render_n, seed=0, size=tuple(cfg.data.render_size))
+    (tmp / ".complete").write_text("ok\n")
+    if root.exists():
+        shutil.rmtree(root)
+    os.replace(tmp, root)
+    return root
+
+
+def resolve_data_root(cfg: RecipeConfig, data_root: str | Path | None = None, data: str | None = None,
+                      echo: Any = print) -> Path:
+    """The dataset folder: rendered scenes when ``data == "rendered"``, else ``data_root`` or
+    ``data.root``. Raises :class:`DatasetNotFoundError` when that folder does not exist."""
+    if data not in (None, "rendered"):
+        raise ValueError(f"--data: unknown value {data!r}; valid values: rendered")
+    if data == "rendered":
+        return rendered_data_root(cfg, echo)
+    root = Path(data_root if data_root is not None else cfg.data.root).expanduser()
+    if not root.is_dir():
+        raise DatasetNotFoundError(_not_found(cfg, root))
+    return root
+
+
+def _not_found(cfg: RecipeConfig, root: Path, detail: str = "") -> str:
+    return (
+        f"no {cfg.data.dataset} dataset at {root.resolve()}{detail}; point --data-root DIR "
+        f"(or --set data.root=DIR) at it, or pass --data rendered to train on rendered scenes"
+    )
+
+
+def _build_dataset(cfg: RecipeConfig, root: Path, split: str, train: bool) -> Any:
+    from mtssm.data import build_dataset
+
+    crop = tuple(cfg.data.crop_size) if (train and cfg.data.crop_size) else None
+    try:
+        return build_dataset(cfg.data.dataset, root, split, train, crop_size=crop, tasks=recipe_tasks(cfg))
+    except FileNotFoundError as exc:
+        raise DatasetNotFoundError(_not_found(cfg, root, f" ({exc})")) from None
+
+
+def build_eval_set(cfg: RecipeConfig, root: str | Path) -> Any:
+    """The evaluation split of the recipe's dataset."""
+    return _build_dataset(cfg, Path(root), cfg.data.eval_split, train=False)
+
+
+def build_components(cfg: RecipeConfig, data_root: str | Path | None = None) -> Any:
+    """Datasets, model and loss of ``cfg``; call after seeding (the model is initialised here)."""
+    from mtssm.engine.trainer import Components
+    from mtssm.losses import build_task_losses
+
+    root = Path(data_root) if data_root is not None else resolve_data_root(cfg)
+    tasks = recipe_tasks(cfg)
+    train_set = _build_dataset(cfg, root, cfg.data.train_split, train=True)
+    eval_set = build_eval_set(cfg, root)
+    weights = {t: float(cfg.loss.weights.get(t, 1.0)) for t in tasks}
+    loss_fn = build_task_losses(tasks, weights, edge_pos_weight=cfg.loss.edge_pos_weight)
+    model = build_model(cfg)
+    return Components(model=model, train_set=train_set, eval_set=eval_set, loss_fn=loss_fn, tasks=tasks)

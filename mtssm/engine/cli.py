@@ -1,0 +1,222 @@
+"""Command-line entry points of the engine (attached to ``mtssm`` in :mod:`mtssm.cli`):
+
+- ``mtssm recipe list | show NAME | run NAME [--data-root DIR] [--data rendered] [--set k=v ...]
+  [--out DIR] [--resume]``
+- ``mtssm eval CKPT [--data-root DIR]`` · ``mtssm predict CKPT IMAGE... --out DIR`` ·
+  ``mtssm export CKPT --out model.pt2`` · ``mtssm models``
+
+Every expected failure (unknown recipe, key or value; missing dataset; NaN loss) ends with a one-line
+``Error: ...`` and exit status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["evaluate", "export", "models", "predict", "recipe"]
+
+
+def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the engine's expected errors into ``click`` errors (one line, exit status 1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mtssm.engine.trainer import NonFiniteLossError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError, FileNotFoundError, FileExistsError, NonFiniteLossError) as exc:
+            raise click.ClickException(" ".join(str(exc).split())) from None
+
+    return wrapper
+
+
+def _load(name: str, overrides: tuple[str, ...]) -> Any:
+    from mtssm.engine.config import load_recipe_file
+    from mtssm.recipes import find_recipe
+
+    return load_recipe_file(find_recipe(name), overrides)
+
+
+@click.group("recipe")
+def recipe() -> None:
+    """List, show and run training recipes (mtssm/recipes/*.yaml)."""
+
+
+@recipe.command("list")
+@_one_line_errors
+def recipe_list() -> None:
+    """List the packaged recipes."""
+    from mtssm.engine.config import load_recipe_file
+    from mtssm.recipes import list_recipes
+
+    rows = []
+    for name, path in list_recipes().items():
+        cfg = load_recipe_file(path)
+        rows.append((name, cfg.model.name, f"{cfg.train.steps} steps", cfg.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+
+
+@recipe.command("show")
+@click.argument("name")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key.")
+@_one_line_errors
+def recipe_show(name: str, overrides: tuple[str, ...]) -> None:
+    """Print the resolved config of recipe NAME (a name or a YAML file)."""
+    import yaml
+
+    from mtssm.engine.config import config_to_dict
+
+    click.echo(yaml.safe_dump(config_to_dict(_load(name, overrides)), sort_keys=False).rstrip())
+
+
+@recipe.command("run")
+@click.argument("name")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None, help="Dataset folder.")
+@click.option("--data", type=click.Choice(["rendered"]), default=None,
+              help="Train on rendered scenes (rendered into a cache on first use).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key, e.g. --set train.steps=100 or --set compile=false.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [runs/NAME].")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@_one_line_errors
+def recipe_run(name: str, data_root: Path | None, data: str | None, overrides: tuple[str, ...],
+               out: Path | None, resume: bool) -> None:
+    """Train recipe NAME, then evaluate and write prediction PNGs. Works under torchrun (DDP)."""
+    from mtssm.engine.build import build_eval_set, resolve_data_root
+    from mtssm.engine.distributed import barrier, cleanup, init_distributed
+    from mtssm.engine.trainer import train
+
+    cfg = _load(name, overrides)
+    out = out or Path("runs") / cfg.name
+    info = init_distributed(cfg.train.device)
+    try:
+        if info.is_main:  # render (if asked) once, before the other processes look
+            root = resolve_data_root(cfg, data_root, data, echo=click.echo)
+        barrier()
+        if not info.is_main:
+            root = resolve_data_root(cfg, data_root, data, echo=lambda _: None)
+        cfg.data.root = str(Path(root).resolve())  # checkpoints remember where the data was
+        result = train(cfg, out, resume=resume, data_root=root, echo=click.echo)
+        if info.is_main:
+            _final_eval(cfg, result.model, result.components.eval_set or build_eval_set(cfg, root), out)
+        barrier()
+    finally:
+        cleanup()
+
+
+def _final_eval(cfg: Any, model: Any, eval_set: Any, out: Path) -> None:
+    import torch
+
+    from mtssm.engine.evaluate import evaluate as run_eval
+    from mtssm.engine.evaluate import format_table, write_result
+    from mtssm.engine.predict import predict_dataset
+
+    device = next(model.parameters()).device
+    result = run_eval(
+        model, eval_set, tasks=list(model.tasks) if hasattr(model, "tasks") else cfg.data.tasks,
+        dataset_name=cfg.data.dataset, batch_size=cfg.data.eval_batch_size, device=device,
+        precision=cfg.train.precision, max_batches=cfg.eval.max_batches, baselines=cfg.eval.baselines,
+        edge_thresholds=cfg.eval.edge_thresholds,
+    )
+    click.echo(format_table(result))
+    write_result(result, out)
+    if cfg.eval.predict_samples:
+        with torch.no_grad():
+            files = predict_dataset(model, eval_set, out / "predictions", cfg.eval.predict_samples)
+        click.echo(f"wrote {len(files)} prediction images to {out / 'predictions'}")
+
+
+@click.command("eval")
+@click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
+@click.option("--data-root", type=click.Path(path_type=Path), default=None, help="Dataset folder.")
+@click.option("--data", type=click.Choice(["rendered"]), default=None, help="Use the rendered scenes.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to write eval.json/eval.txt [the checkpoint folder].")
+@click.option("--max-batches", type=int, default=None, help="Evaluate only this many batches.")
+@_one_line_errors
+def evaluate(ckpt: Path, data_root: Path | None, data: str | None, out: Path | None,
+             max_batches: int | None) -> None:
+    """Evaluate checkpoint CKPT: print and write the metric table with Δm."""
+    from mtssm.engine.build import build_eval_set, resolve_data_root
+    from mtssm.engine.checkpoint import resolve_checkpoint
+    from mtssm.engine.evaluate import evaluate as run_eval
+    from mtssm.engine.evaluate import format_table, write_result
+    from mtssm.engine.predict import load_model_from_checkpoint
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg, step = load_model_from_checkpoint(ckpt, device=device)
+    root = resolve_data_root(cfg, data_root, data, echo=click.echo)
+    result = run_eval(
+        model, build_eval_set(cfg, root), tasks=list(model.tasks), dataset_name=cfg.data.dataset,
+        batch_size=cfg.data.eval_batch_size, device=device, precision=cfg.train.precision, max_batches=cfg.eval.max_batches if max_batches is None else max_batches,
+        baselines=cfg.eval.baselines, edge_thresholds=cfg.eval.edge_thresholds,
+    )
+    click.echo(f"{cfg.name} at step {step}:")
+    click.echo(format_table(result))
+    paths = write_result(result, out or resolve_checkpoint(ckpt))
+    click.echo(f"wrote {paths[0]} and {paths[1]}")
+
+
+@click.command("predict")
+@click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@_one_line_errors
+def predict(ckpt: Path, images: tuple[Path, ...], out: Path) -> None:
+    """Write one PNG per task per IMAGE, and a side-by-side sheet, into --out."""
+    from mtssm.engine.predict import load_model_from_checkpoint, predict_images
+
+    model, _, _ = load_model_from_checkpoint(ckpt)
+    files = predict_images(model, images, out)
+    click.echo(f"wrote {len(files)} images to {out}")
+
+
+@click.command("export")
+@click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output .pt2 file.")
+@click.option("--size", default=None, metavar="HxW", help="Input size [the recipe's, rounded to 32].")
+@_one_line_errors
+def export(ckpt: Path, out: Path, size: str | None) -> None:
+    """Export checkpoint CKPT with torch.export (load with torch.export.load after import mtssm)."""
+    from mtssm.engine.export import export_checkpoint
+
+    hw = None
+    if size is not None:
+        try:
+            h, w = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--size: expected HxW like 96x128, got {size!r}") from None
+        hw = (h, w)
+    path = export_checkpoint(ckpt, out, size=hw)
+    click.echo(f"wrote {path}")
+
+
+@click.command("models")
+@click.option("--pattern", default=None, help="Shell pattern filtering the names, e.g. '*_tiny'.")
+@_one_line_errors
+def models(pattern: str | None) -> None:
+    """List the registered models with their parameter counts (counted on the meta device)."""
+    import torch
+
+    from mtssm.nn import create_model, list_models
+
+    names = list_models(pattern)
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        try:
+            with torch.device("meta"):  # no memory, no initialisation
+                model = create_model(name)
+        except (NotImplementedError, RuntimeError):  # a constructor that reads tensor values
+            model = create_model(name)
+        n = sum(p.numel() for p in model.parameters())
+        click.echo(f"{name.ljust(width)}  {n / 1e6:9.2f} M parameters")

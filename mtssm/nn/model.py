@@ -1,0 +1,101 @@
+"""The full multi-task network: a shared encoder, a multi-task decoder and one head per task.
+
+Contract between the parts (``B`` batch, ``H, W`` input size):
+
+- encoder: ``images (B, 3, H, W) -> [f_1, f_2, f_3, f_4]``, ``f_i (B, C_i, H_i, W_i)`` at strides
+  4, 8, 16, 32; ``encoder.feature_info`` lists ``(C_i, stride_i)``.
+- decoder: ``features -> TensorDict {task: (B, C_dec, h, w)}`` with batch size ``[B]`` (channels
+  first); ``decoder.in_channels`` (the ``C_i`` it accepts, a wrong one is a one-line error naming the
+  level) and ``decoder.tasks``.
+- heads: ``nn.ModuleDict`` ``{task: head}``, ``head((B, C_dec, h, w)) -> (B, C_t, h', w')``.
+- the model resizes each head output to ``(H, W)`` (bilinear): ``{task: (B, C_t, H, W)}``, ``C_t``
+  from :mod:`mtssm.nn.tasks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch.nn.functional as F
+from tensordict import TensorDict
+from torch import Tensor, nn
+
+__all__ = ["ExportableModel", "MultiTaskModel", "feature_channels"]
+
+
+def feature_channels(encoder: nn.Module) -> list[int]:
+    """The channels ``C_i`` listed by ``encoder.feature_info`` (``FeatureInfo`` or ``(C_i, s_i)`` pairs)."""
+    info = getattr(encoder, "feature_info", None)
+    if info is None:
+        raise TypeError(f"encoder {type(encoder).__name__} has no feature_info listing (channels, stride) per level")
+    return [int(f.channels) if hasattr(f, "channels") else int(f[0]) for f in info]
+
+
+class MultiTaskModel(nn.Module):
+    """Encoder + decoder + per-task heads: ``images (B, 3, H, W) -> TensorDict {task: (B, C_t, H, W)}``.
+
+    Args:
+        encoder: returns 4 feature maps and exposes ``feature_info`` ``[(C_i, stride_i)]``.
+        decoder: takes the feature list, returns a ``TensorDict`` of per-task features.
+        heads: one head per task.
+        tasks: task names, or ``{task: C_t}``; must match the heads' keys.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        heads: nn.ModuleDict,
+        tasks: Sequence[str] | Mapping[str, int],
+    ) -> None:
+        super().__init__()
+        self.tasks = tuple(tasks)
+        if set(heads.keys()) != set(self.tasks):
+            raise ValueError(f"heads {sorted(heads.keys())} do not match tasks {sorted(self.tasks)}")
+        enc_channels = feature_channels(encoder)
+        dec_channels = list(getattr(decoder, "in_channels", enc_channels))
+        if enc_channels != dec_channels:
+            raise ValueError(f"encoder gives channels {enc_channels} but the decoder expects {dec_channels}")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.heads = heads
+
+    def forward_dict(self, images: Tensor) -> dict[str, Tensor]:
+        """``images (B, 3, H, W)`` -> plain ``{task: (B, C_t, H, W)}`` (what :meth:`as_exportable` runs)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        size = (images.shape[-2], images.shape[-1])
+        feats = self.decoder(self.encoder(images))
+        out = {}
+        for t in self.tasks:
+            y = self.heads[t](feats[t])
+            if (y.shape[-2], y.shape[-1]) != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            out[t] = y
+        return out
+
+    def forward(self, images: Tensor) -> TensorDict:
+        """``images (B, 3, H, W)`` -> ``TensorDict {task: (B, C_t, H, W)}`` with batch size ``[B]``."""
+        return TensorDict(self.forward_dict(images), batch_size=[images.shape[0]])
+
+    def as_exportable(self) -> ExportableModel:
+        """A view of this model whose forward returns a plain ``dict`` of tensors.
+
+        ``torch.export.save`` cannot serialise a ``TensorDict`` output, so export this instead::
+
+            ep = torch.export.export(model.as_exportable().eval(), (images,))
+            torch.export.save(ep, "model.pt2")
+            # elsewhere: ``import mtssm`` first (registers the ops), then torch.export.load
+        """
+        return ExportableModel(self)
+
+
+class ExportableModel(nn.Module):
+    """Wraps a :class:`MultiTaskModel` (sharing its parameters) to return ``{task: (B, C_t, H, W)}``."""
+
+    def __init__(self, model: MultiTaskModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return self.model.forward_dict(images)

@@ -1,0 +1,358 @@
+"""PAMM: Parameter Aware Mamba Model for multi-task dense prediction (block, decoder, builder).
+
+PAMM (Yu et al.) decodes each of four ViT-L/16 feature levels with a Parameter Aware Mamba Experts
+(PAME) block and fuses the levels per task:
+
+- :class:`PAMEBlock`: shared 3x3 conv + GroupNorm, then per task a 3x3 task conv and a Mamba
+  layer whose selective scan takes its ``B`` and ``C`` from :class:`~mtssm.nn.experts.
+  ParameterExperts` (a routed mixture of low-rank experts shared by all tasks, plus a task path),
+  adds learned task priors to ``B`` and ``C``, has its own ``A``, ``D`` and step projection per
+  task, and scans in the four Multi-Directional Hilbert orders (``order="hilbert"``), gated by a
+  SiLU branch and added to the input.
+- :class:`PAMMDecoder`: one PAME block per level; per task a softmax mask over the levels
+  (Conv1x1 + BN + GELU + Conv3x3) weights them, and the sum is upsampled (4x for ViT) to stride 4.
+- :func:`build_pamm`: the decoder and its heads (Conv3x3 + BN + GELU, Conv1x1, as PAMM's
+  ``ConvHead``).
+
+Unlike the public PAMM code, every tensor the forward uses is a registered parameter (per-task
+``A_log``, ``D``, ``dt`` projections and priors live in ``nn.ParameterDict``/``nn.ModuleDict``):
+they are in ``state_dict``, reach the optimizer, and are synced by DDP.
+
+The routers' load-balancing loss of the last forward is :meth:`PAMMDecoder.aux_loss` (PAMM weighs
+it 0.0005).
+
+Shapes: ``B`` batch, ``C`` channels (``dim``), ``D = expand*C`` scanned channels, ``N`` d_state,
+``R`` dt_rank, ``E`` experts, ``T`` tasks, ``K = 4`` scan directions; maps are channels-first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+from torch import Tensor, nn
+
+from mtssm.nn import functional as MF
+from mtssm.nn.experts import ParameterExperts, load_balancing_loss
+from mtssm.nn.heads import ConvHead
+from mtssm.nn.mtmamba import check_features
+
+__all__ = ["DWConv", "PAMEBlock", "PAMMDecoder", "build_pamm"]
+
+_K = 4  # scan directions of every named order
+
+
+def _group_count(channels: int, max_groups: int = 32) -> int:
+    """GroupNorm groups: the largest count <= max_groups dividing ``channels`` with >= 2 channels
+    per group when possible (32 for PAMM's widths; never one value per group on a 1x1 map)."""
+    return max(g for g in range(1, max(1, min(max_groups, channels // 2)) + 1) if channels % g == 0)
+
+
+class DWConv(nn.Module):
+    """Depthwise-separable conv: depthwise k x k, pointwise 1x1, LayerNorm over channels, SiLU.
+
+    ``(B, C_in, H, W) -> (B, C_out, H, W)`` (PAMM's ``DWConv``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        act_layer: Callable[[], nn.Module] = nn.SiLU,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.depth_conv = nn.Conv2d(
+            in_channels, in_channels, kernel_size, padding=kernel_size // 2, groups=in_channels, **fk
+        )
+        self.point_conv = nn.Conv2d(in_channels, out_channels, 1, **fk)
+        self.norm = nn.LayerNorm(out_channels, eps=1e-6, **fk)
+        self.act = act_layer()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.point_conv(self.depth_conv(x))
+        return self.act(self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+class PAMEBlock(nn.Module):
+    """Parameter Aware Mamba Experts block on one encoder level.
+
+    ``forward(x (B, C_in, H, W)) -> ({task: (B, C, H, W)}, gates (2, T, B, E))`` with the routing
+    gates of the B experts (``gates[0]``) and the C experts (``gates[1]``). Per task ``t``::
+
+        f     = GN(Conv3x3(x))                                   # shared
+        x_t   = TaskConv3x3_t(f);  h = GN_t(x_t)
+        z     = SiLU(Conv1x1_t(h))                               # gate
+        u     = Conv1x1_t(DWConv_t(h))                           # (B, D, H, W)
+        delta = dt_proj_t(x2dt_t(u));  B = experts_B(u, t) + prior_B_t;  C = experts_C(u, t) + prior_C_t
+        y     = selective_scan_2d(u, delta, -exp(A_log_t), B, C, D_t, dt_bias_t, order)  # K orders
+        out_t = x_t + Conv1x1_t(y) * z
+
+    The same ``delta, B, C, A_t, D_t`` serve the four directions, as in PAMM. ``DWConv_t`` is the
+    paper's depthwise-separable conv (Fig. 3); the public code computes a conv here but discards
+    its output (``act(task_fea)`` replaces it), which leaves those weights without gradients.
+
+    Args:
+        in_dim: encoder channels C_in of this level.
+        dim: decoder channels C (PAMM: 768 on NYUDv2, 1024 on PASCAL-Context).
+        tasks: task names.
+        d_state: N (PAMM: 16 on NYUDv2, 64 on PASCAL-Context).
+        expand: D / C.
+        dt_rank: R or ``"auto"`` (``ceil(C/16)``).
+        order: scan order name (``"hilbert"``: Multi-Directional Hilbert Scanning) or ``"ss2d"``.
+        num_experts, expert_rank, top_k, task_rank, softmax_before_topk, noisy_gating:
+            :class:`~mtssm.nn.experts.ParameterExperts` settings (PAMM: 15, 4, 9, 4).
+        use_priors: add the learned task priors to B and C.
+        dt_min, dt_max, dt_init_floor: initial step range (Mamba's).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        tasks: Sequence[str],
+        d_state: int = 16,
+        expand: float = 2,
+        dt_rank: int | str = "auto",
+        order: str = "hilbert",
+        num_experts: int = 15,
+        expert_rank: int = 4,
+        top_k: int = 9,
+        task_rank: int = 4,
+        softmax_before_topk: bool = False,
+        noisy_gating: bool = True,
+        use_priors: bool = True,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.tasks = tuple(tasks)
+        if not self.tasks:
+            raise ValueError("tasks must name at least one task")
+        if dt_rank != "auto" and not (isinstance(dt_rank, int) and dt_rank > 0):
+            raise ValueError(f"dt_rank must be a positive int or 'auto', got {dt_rank!r}")
+        if order not in ("hilbert", "ss2d"):
+            raise ValueError(f"order must be 'hilbert' or 'ss2d' (4 directions), got {order!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        fk = {"device": device, "dtype": dtype}
+        self.in_dim, self.dim, self.d_state, self.order = in_dim, dim, d_state, order
+        self.d_inner = d = int(expand * dim)
+        self.dt_rank = r = math.ceil(dim / 16) if dt_rank == "auto" else dt_rank
+        self.use_priors = use_priors
+        groups = _group_count(dim)
+        ts = self.tasks
+
+        self.input_proj = nn.Conv2d(in_dim, dim, 3, padding=1, **fk)
+        self.input_norm = nn.GroupNorm(groups, dim, **fk)
+        self.task_conv = nn.ModuleDict({t: nn.Conv2d(dim, dim, 3, padding=1, **fk) for t in ts})
+        self.task_norm = nn.ModuleDict({t: nn.GroupNorm(groups, dim, **fk) for t in ts})
+        self.gate_proj = nn.ModuleDict({t: nn.Conv2d(dim, dim, 1, **fk) for t in ts})
+        self.local_conv = nn.ModuleDict({t: DWConv(dim, dim, **fk) for t in ts})
+        self.in_proj = nn.ModuleDict({t: nn.Conv2d(dim, d, 1, **fk) for t in ts})
+        self.x2dt = nn.ModuleDict({t: nn.Linear(d, r, bias=False, **fk) for t in ts})
+        self.dt_proj = nn.ModuleDict({t: nn.Linear(r, d, **fk) for t in ts})
+        self.A_log = nn.ParameterDict(
+            {t: nn.Parameter(torch.empty(d, d_state, device=device, dtype=torch.float32)) for t in ts}
+        )
+        self.D = nn.ParameterDict({t: nn.Parameter(torch.empty(d, device=device, dtype=torch.float32)) for t in ts})
+        experts = {
+            "num_experts": num_experts, "rank": expert_rank, "top_k": top_k, "task_rank": task_rank,
+            "softmax_before_topk": softmax_before_topk, "noisy_gating": noisy_gating,
+        }
+        self.B_experts = ParameterExperts(d, d_state, ts, **experts, **fk)
+        self.C_experts = ParameterExperts(d, d_state, ts, **experts, **fk)
+        if use_priors:
+            self.prior_B = nn.ParameterDict({t: nn.Parameter(torch.empty(d_state, **fk)) for t in ts})
+            self.prior_C = nn.ParameterDict({t: nn.Parameter(torch.empty(d_state, **fk)) for t in ts})
+        self.out_proj = nn.ModuleDict({t: nn.Conv2d(d, dim, 1, **fk) for t in ts})
+        self.act = nn.SiLU()
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Mamba's initialisation per task: dt_proj weight U(+-R^-0.5), dt bias the inverse softplus
+        of a step log-uniform in [dt_min, dt_max], ``A_log = log(1..N)``, ``D = 1``; priors
+        truncated-normal (std 0.02)."""
+        lo, hi = math.log(self.dt_min), math.log(self.dt_max)
+        for t in self.tasks:
+            proj = self.dt_proj[t]
+            std = self.dt_rank**-0.5
+            proj.weight.uniform_(-std, std)
+            dt = torch.exp(torch.rand_like(proj.bias, dtype=torch.float32) * (hi - lo) + lo)
+            dt = dt.clamp(min=self.dt_init_floor)
+            proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            a = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log[t].device)
+            self.A_log[t].copy_(torch.log(a).expand_as(self.A_log[t]))
+            self.D[t].fill_(1.0)
+            if self.use_priors:
+                nn.init.trunc_normal_(self.prior_B[t], std=0.02)
+                nn.init.trunc_normal_(self.prior_C[t], std=0.02)
+
+    def _scan(self, t: str, u: Tensor, B: Tensor, C: Tensor) -> Tensor:
+        """u (B, D, H, W), B and C (B, N, H, W) -> y (B, D, H, W), summed over the K orders."""
+        b, d, h, w = u.shape
+        seq = u.flatten(2).transpose(1, 2)  # (B, L, D)
+        delta = self.dt_proj[t].weight @ self.x2dt[t](seq).transpose(1, 2)  # (B, D, L)
+        n = self.d_state
+        y = MF.selective_scan_2d(
+            u,
+            delta.unsqueeze(1).expand(b, _K, d, h * w),
+            (-torch.exp(self.A_log[t].float())).repeat(_K, 1),
+            B.reshape(b, 1, n, h * w).expand(b, _K, n, h * w),
+            C.reshape(b, 1, n, h * w).expand(b, _K, n, h * w),
+            self.D[t].repeat(_K),
+            delta_bias=self.dt_proj[t].bias.repeat(_K),
+            delta_softplus=True,
+            order=self.order,
+        )
+        return y.to(u.dtype)
+
+    def forward(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """x (B, C_in, H, W) -> ({task: (B, C, H, W)}, gates (2, T, B, E))."""
+        if x.ndim != 4 or x.shape[1] != self.in_dim:
+            raise ValueError(f"PAMEBlock expects x of shape (B, {self.in_dim}, H, W), got {tuple(x.shape)}")
+        f = self.input_norm(self.input_proj(x))
+        out: dict[str, Tensor] = {}
+        gates_b, gates_c = [], []
+        for t in self.tasks:
+            xt = self.task_conv[t](f)
+            h = self.task_norm[t](xt)
+            z = self.act(self.gate_proj[t](h))
+            u = self.in_proj[t](self.local_conv[t](h))
+            B, gb = self.B_experts.forward_task(t, u)
+            C, gc = self.C_experts.forward_task(t, u)
+            if self.use_priors:
+                B = B + self.prior_B[t][None, :, None, None]
+                C = C + self.prior_C[t][None, :, None, None]
+            y = self._scan(t, u, B, C)
+            out[t] = xt + self.out_proj[t](y) * z
+            gates_b.append(gb)
+            gates_c.append(gc)
+        return out, torch.stack([torch.stack(gates_b), torch.stack(gates_c)])
+
+
+class PAMMDecoder(nn.Module):
+    """The PAMM decoder: one :class:`PAMEBlock` per encoder level and a per-task level fusion.
+
+    ``forward([f_1..f_4] with f_i (B, C_i, H_i, W_i)) -> TensorDict {task: (B, C, up*H_1, up*W_1)}``
+    (batch size ``[B]``, channels-first). Levels of another size than ``f_1`` are resized to it
+    (bilinear) before the fusion (the ViT levels all share one size). Per task a softmax over the
+    levels from Conv1x1(4C -> C) + BN + GELU + Conv3x3(C -> 4) weights the level features; their sum
+    is upsampled ``upsample`` times (bilinear; PAMM: 4, from ViT's stride 16 to stride 4).
+
+    The routers' load-balancing loss of the last forward (the sum over the 8 expert mixtures of
+    :func:`~mtssm.nn.experts.load_balancing_loss`) is returned by :meth:`aux_loss`.
+
+    Args:
+        in_channels: channels of the 4 encoder levels.
+        tasks: task names.
+        dim: decoder channels C.
+        upsample: final upsampling factor (the output stride is the first level's stride / upsample).
+        norm_layer: normalisation of the fusion mask branch (PAMM: BatchNorm2d).
+        **block_kwargs: :class:`PAMEBlock` settings (d_state, expand, dt_rank, order, num_experts,
+            expert_rank, top_k, task_rank, softmax_before_topk, noisy_gating, use_priors).
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        tasks: Sequence[str],
+        dim: int = 768,
+        upsample: int = 4,
+        norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **block_kwargs,
+    ) -> None:
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        if len(in_channels) != 4:
+            raise ValueError(f"in_channels must list 4 encoder levels, got {list(in_channels)}")
+        if not isinstance(upsample, int) or upsample < 1:
+            raise ValueError(f"upsample must be a positive int, got {upsample!r}")
+        self.in_channels = tuple(int(c) for c in in_channels)
+        self.tasks = tuple(tasks)
+        if not self.tasks:
+            raise ValueError("tasks must name at least one task")
+        self.dim, self.upsample = dim, upsample
+        n = len(self.in_channels)
+        self.blocks = nn.ModuleList(PAMEBlock(c, dim, self.tasks, **block_kwargs, **fk) for c in self.in_channels)
+        self.fusion = nn.ModuleDict(
+            {
+                t: nn.Sequential(
+                    nn.Conv2d(n * dim, dim, 1, **fk),
+                    norm_layer(dim, **fk),
+                    nn.GELU(),
+                    nn.Conv2d(dim, n, 3, padding=1, **fk),
+                )
+                for t in self.tasks
+            }
+        )
+        self.out_channels = {t: dim for t in self.tasks}
+        self.last_aux_loss: Tensor | None = None
+
+    def aux_loss(self) -> Tensor:
+        """The routers' load-balancing loss of the last forward (differentiable; 0 is its minimum).
+
+        Set by every eager or ``torch.compile`` forward (not inside ``torch.export``)::
+
+            preds = model(images); loss = task_loss + 5e-4 * model.decoder.aux_loss()
+        """
+        if self.last_aux_loss is None:
+            raise RuntimeError("PAMMDecoder.aux_loss() needs a forward pass first")
+        return self.last_aux_loss
+
+    def forward(self, features: Sequence[Tensor]) -> TensorDict:
+        check_features(features, self.in_channels, type(self).__name__)
+        size = features[0].shape[-2:]
+        levels: list[dict[str, Tensor]] = []
+        aux = features[0].new_zeros(())
+        for block, f in zip(self.blocks, features):
+            out, gates = block(f)
+            if out[self.tasks[0]].shape[-2:] != size:
+                out = {t: F.interpolate(v, size=size, mode="bilinear", align_corners=False) for t, v in out.items()}
+            levels.append(out)
+            aux = aux + load_balancing_loss(gates[0]) + load_balancing_loss(gates[1])
+        if not torch.compiler.is_exporting():
+            self.last_aux_loss = aux
+        result = {}
+        for t in self.tasks:
+            feats = [lv[t] for lv in levels]
+            mask = self.fusion[t](torch.cat(feats, dim=1)).softmax(dim=1)  # (B, n_levels, H, W)
+            fused = sum(mask[:, i : i + 1] * v for i, v in enumerate(feats))
+            if self.upsample != 1:
+                fused = F.interpolate(fused, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+            result[t] = fused
+        return TensorDict(result, batch_size=[features[0].shape[0]])
+
+
+def build_pamm(
+    encoder_channels: Sequence[int],
+    tasks: dict[str, int],
+    **decoder_kwargs,
+) -> tuple[PAMMDecoder, nn.ModuleDict]:
+    """The PAMM decoder and its heads (Conv3x3 C->C + BN + GELU, then Conv1x1 to C_t per task)."""
+    device, dtype = decoder_kwargs.get("device"), decoder_kwargs.get("dtype")
+    decoder = PAMMDecoder(encoder_channels, list(tasks), **decoder_kwargs)
+    heads = nn.ModuleDict(
+        {
+            t: ConvHead(decoder.out_channels[t], c, hidden=decoder.out_channels[t], act_layer=nn.GELU,
+                        device=device, dtype=dtype)
+            for t, c in tasks.items()
+        }
+    )
+    return decoder, heads

@@ -1,0 +1,40 @@
+import os
+
+import torch
+
+# Without a GPU the Triton kernels are tested on CPU tensors in interpreter mode, which triton reads
+# when it is first imported: set it before anything (torch.compile included) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import mtssm  # noqa: E402
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def scan_backend(request):
+    """Run a test once per CPU implementation of the scan ops (C++ kernel, pure PyTorch)."""
+    previous = mtssm.get_scan_backend()
+    try:
+        mtssm.set_scan_backend(request.param)
+    except RuntimeError as exc:  # no C++ compiler on this machine
+        pytest.skip(str(exc))
+    yield request.param
+    mtssm.set_scan_backend(previous)
+
+
+@pytest.fixture(scope="session")
+def mamba_ref():
+    """mamba-ssm's own selective_scan_ref (installed by the test extras' setup)."""
+    from mtssm._ops.mamba_reference import load_mamba_selective_scan_ref
+
+    try:
+        return load_mamba_selective_scan_ref()
+    except ImportError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

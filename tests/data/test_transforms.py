@@ -1,0 +1,218 @@
+"""Every augmentation keeps every task consistent with the image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtssm.data import IMAGENET_MEAN, IMAGENET_STD, NYUDv2, build_dataset
+from mtssm.data.render import random_scene, render_scene
+from mtssm.data.transforms import (
+    PadTo,
+    PhotometricDistortion,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomScale,
+    RandomScaleCrop,
+    ToTensor,
+    eval_transforms,
+    train_transforms,
+)
+
+LABEL_KEYS = ("semseg", "human_parts", "sal", "edge")
+
+
+def block_sample(h: int, w: int, seed: int = 0, block: int = 8) -> dict:
+    """A raw sample whose every task is a function of a blocky class map, so any geometric
+    transform can be checked pixel by pixel: image = palette[c], depth = c + 1, normals = unit
+    vector of class c, edge = c % 2, human_parts = c % 7, sal = c % 2."""
+    rng = np.random.default_rng(seed)
+    hb, wb = -(-h // block), -(-w // block)
+    classes = rng.integers(0, 20, (hb, wb)).repeat(block, 0).repeat(block, 1)[:h, :w].astype(np.uint8)
+    return {
+        "image": PALETTE[classes],
+        "semseg": classes.copy(),
+        "depth": (classes + 1).astype(np.float32),
+        "normals": NORMALS[classes],
+        "edge": (classes % 2).astype(np.uint8),
+        "human_parts": (classes % 7).astype(np.uint8),
+        "sal": (classes % 2).astype(np.uint8),
+        "meta": {"id": f"block{seed}", "size": (h, w)},
+    }
+
+
+PALETTE = np.random.default_rng(0).integers(0, 256, (20, 3)).astype(np.uint8)
+PALETTE[:, 0] = np.arange(20) * 12 + 8  # red channel alone identifies the class
+_n = np.random.default_rng(1).normal(size=(20, 3))
+NORMALS = (_n / np.linalg.norm(_n, axis=1, keepdims=True)).astype(np.float32)
+
+
+def assert_consistent(out: dict, scale: float = 1.0, flipped: bool = False) -> None:
+    """In a transformed block sample, every valid pixel's tasks agree with the class read off the
+    image's red channel (padding excepted: labels 255, depth 0, normals 0, image 0)."""
+    cls = out["semseg"].astype(np.int64)
+    pad = cls == 255
+    for key in LABEL_KEYS:
+        assert (out[key][pad] == 255).all(), key
+    assert (out["depth"][pad] == 0).all() and (out["normals"][pad] == 0).all()
+    valid = ~pad
+    c = cls[valid]
+    np.testing.assert_array_equal(out["human_parts"][valid], c % 7)
+    np.testing.assert_array_equal(out["sal"][valid], c % 2)
+    np.testing.assert_array_equal(out["edge"][valid], c % 2)
+    np.testing.assert_allclose(out["depth"][valid], (c + 1) / scale, rtol=1e-5)
+    expected_n = NORMALS[c].copy()
+    if flipped:
+        expected_n[:, 0] *= -1
+    np.testing.assert_allclose(out["normals"][valid], expected_n, atol=1e-6)
+    # The image is bilinear: compare only where the 3x3 neighbourhood has one class.
+    h, w = cls.shape
+    padded = np.pad(cls, 1, mode="edge")
+    uniform = np.ones_like(valid)
+    for dy in range(3):
+        for dx in range(3):
+            uniform &= padded[dy : dy + h, dx : dx + w] == cls
+    inner = uniform & valid
+    assert inner.sum() > 0.2 * valid.sum()
+    red = out["image"][..., 0].astype(np.int64)[inner]
+    np.testing.assert_allclose(red, PALETTE[cls[inner], 0], atol=2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_scale_keeps_tasks_aligned(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    sample = block_sample(40, 56, seed)
+    out = RandomScale((0.5, 2.0))(sample, rng)
+    s = np.random.default_rng(seed).uniform(0.5, 2.0)
+    assert out["image"].shape[:2] == (round(40 * s), round(56 * s))
+    assert_consistent(out, scale=out["image"].shape[0] / 40)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_crop_pads_with_ignore_values(seed: int) -> None:
+    sample = block_sample(40, 56, seed)
+    out = RandomCrop((48, 48))(sample, np.random.default_rng(seed))
+    assert out["image"].shape == (48, 48, 3)
+    assert (out["semseg"][40:] == 255).all() and (out["image"][40:] == 0).all()
+    assert_consistent(out)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fused_scale_crop_equals_scale_then_crop(seed: int) -> None:
+    sample = block_sample(40, 56, seed)
+    fused = RandomScaleCrop((32, 48))(sample, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    two_step = RandomCrop((32, 48))(RandomScale()(sample, rng), rng)
+    for key in ("semseg", "human_parts", "sal", "edge", "depth", "normals"):
+        np.testing.assert_array_equal(fused[key], two_step[key], err_msg=key)
+    assert np.abs(fused["image"].astype(int) - two_step["image"]).max() <= 1
+    assert_consistent(fused, scale=1.0 if fused["depth"].max() == 0 else _scale_of(fused, sample))
+
+
+def _scale_of(out: dict, sample: dict) -> float:
+    valid = out["depth"] > 0
+    return float(np.median((out["semseg"][valid] + 1.0) / out["depth"][valid]))
+
+
+def test_flip_negates_normals_x_and_mirrors_everything() -> None:
+    sample = block_sample(40, 56, 1)
+    out = RandomHorizontalFlip(1.0)(sample, np.random.default_rng(0))
+    np.testing.assert_array_equal(out["semseg"], sample["semseg"][:, ::-1])
+    np.testing.assert_array_equal(out["image"], sample["image"][:, ::-1])
+    assert_consistent(out, flipped=True)
+    assert np.array_equal(sample["normals"], NORMALS[sample["semseg"]])  # input untouched
+    assert RandomHorizontalFlip(0.0)(sample, np.random.default_rng(0)) is sample
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_flip_of_a_render_equals_the_mirrored_render(seed: int) -> None:
+    """Flipping a rendered scene through the transform gives the render of the mirrored scene."""
+    scene = random_scene(seed, people=1.0)
+    r, m = render_scene(scene, (48, 64)), render_scene(scene.mirrored(), (48, 64))
+
+    def as_sample(x: dict) -> dict:
+        return {"image": x["image"], "semseg": x["label"], "depth": x["depth"], "normals": x["normals"],
+                "edge": x["edge"], "human_parts": x["part"], "meta": {"id": "s", "size": (48, 64)}}  # fmt: skip
+
+    flipped = RandomHorizontalFlip(1.0)(as_sample(r), np.random.default_rng(0))
+    mirrored = as_sample(m)
+    for key in ("image", "semseg", "edge", "human_parts"):
+        assert (flipped[key] == mirrored[key]).mean() > 0.995, key
+    assert (np.abs(flipped["depth"] - mirrored["depth"]) < 1e-3).mean() > 0.995
+    assert (np.abs(flipped["normals"] - mirrored["normals"]).max(-1) < 1e-3).mean() > 0.995
+
+
+def test_encoded_normals_follow_the_same_rules(nyud_root: Path) -> None:
+    """uint8 normal codes (what build_dataset streams) give the same tensors as float normals."""
+    ds = NYUDv2(nyud_root, "train")
+    enc = NYUDv2(nyud_root, "train")
+    enc.encoded_normals = True
+    pipe = train_transforms((40, 40))
+    for seed in range(4):
+        a = pipe(ds.load(seed), np.random.default_rng(seed))
+        b = pipe(enc.load(seed), np.random.default_rng(seed))
+        for key in a:
+            if key != "meta":
+                torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_photometric_changes_only_the_image() -> None:
+    sample = block_sample(32, 32, 2)
+    changed = 0
+    for seed in range(8):
+        out = PhotometricDistortion()(sample, np.random.default_rng(seed))
+        for key in ("semseg", "depth", "normals", "edge", "human_parts", "sal"):
+            assert out[key] is sample[key]
+        assert out["image"].dtype == np.uint8 and out["image"].shape == sample["image"].shape
+        changed += not np.array_equal(out["image"], sample["image"])
+    assert changed >= 6
+
+
+def test_pad_never_resizes() -> None:
+    sample = block_sample(30, 20, 0)
+    out = PadTo((32, 32))(sample, np.random.default_rng(0))
+    np.testing.assert_array_equal(out["semseg"][:30, :20], sample["semseg"])
+    assert (out["semseg"][30:] == 255).all() and (out["depth"][:, 20:] == 0).all()
+    assert PadTo((16, 16))(sample, np.random.default_rng(0)) is sample
+
+
+def test_to_tensor_layout_and_normalisation() -> None:
+    sample = block_sample(24, 32, 0)
+    t = ToTensor()(sample)
+    assert t["image"].shape == (3, 24, 32) and t["image"].dtype == torch.float32
+    expected = (sample["image"][..., 1] / 255.0 - IMAGENET_MEAN[1]) / IMAGENET_STD[1]
+    torch.testing.assert_close(t["image"][1], torch.from_numpy(expected).float())
+    assert t["semseg"].dtype == torch.int64 and t["semseg"].shape == (24, 32)
+    assert t["depth"].shape == (1, 24, 32) and t["edge"].shape == (1, 24, 32)
+    assert t["normals"].shape == (3, 24, 32)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_train_pipeline_on_rendered_data_keeps_geometry(nyud_root: Path, seed: int) -> None:
+    """Through the whole train pipeline: normals stay unit (or 0 exactly where depth is 0 from
+    padding), labels stay in range, and crop size is exact."""
+    ds = build_dataset("nyud", nyud_root, "train", train=True, crop_size=(40, 56))
+    out = ds[(seed, seed)]
+    assert out["image"].shape == (3, 40, 56)
+    n = out["normals"].norm(dim=0)
+    pad = out["semseg"] == 255
+    assert torch.allclose(n[~pad & (out["depth"][0] > 0)], torch.ones(()), atol=1e-5)
+    assert ((out["semseg"] < 40) | pad).all()
+    assert set(out["edge"].unique().tolist()) <= {0.0, 1.0, 255.0}
+    assert out["meta"]["size"] == (48, 64)
+    again = ds[(seed, seed)]
+    for key in ("image", "semseg", "depth", "normals", "edge"):
+        assert torch.equal(out[key], again[key])  # the seed fixes the augmentation
+
+
+def test_eval_pipeline_is_the_raw_sample(nyud_root: Path) -> None:
+    raw = NYUDv2(nyud_root, "val")[0]
+    ev = build_dataset("nyud", nyud_root, "val", train=False)[0]
+    assert torch.equal(ev["semseg"], torch.from_numpy(raw["semseg"].astype(np.int64)))
+    assert torch.equal(ev["depth"][0], torch.from_numpy(raw["depth"]))
+    torch.testing.assert_close(ev["normals"], torch.from_numpy(raw["normals"]).permute(2, 0, 1))
+    padded = eval_transforms((64, 64))(NYUDv2(nyud_root, "val").load(0), np.random.default_rng(0))
+    assert padded["image"].shape == (3, 64, 64) and (padded["semseg"][48:] == 255).all()
