@@ -2,7 +2,7 @@
 
 The extension is compiled with :func:`torch.utils.cpp_extension.load` the first time a CPU scan
 runs, into a cache folder keyed by a hash of the source, the compiler flags and the torch version
-(``$MTSSM_CACHE_DIR`` or ``~/.cache/mtssm``). Building takes about a minute on 2 cores and prints
+(``mtssm.paths.cache_dir()``: ``$MTSSM_CACHE_DIR`` or ``~/.cache/mtssm``). Building takes about a minute on 2 cores and prints
 one line saying so. Where no C++ compiler is available (or ``MTSSM_DISABLE_CPP=1``), :func:`load`
 returns ``None`` and the ops run their pure-PyTorch implementation instead.
 """
@@ -20,7 +20,9 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["load", "is_available", "cache_dir"]
+from mtssm.paths import cache_dir
+
+__all__ = ["load", "is_available"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
@@ -29,14 +31,6 @@ _LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False
-
-
-def cache_dir() -> Path:
-    """Folder that holds mtssm's caches (built kernels, rendered scenes)."""
-    root = os.environ.get("MTSSM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mtssm"
-    )
-    return Path(root)
 
 
 def _build_key() -> str:

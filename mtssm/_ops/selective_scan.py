@@ -511,7 +511,8 @@ def _selective_scan_backward_op(
 def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, perm, chunk_states,
       pregate, delta_softplus, chunk_size):
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    return tuple(torch.empty_like(x) if x is not None else u.new_empty(0) for x in inputs)
+    # The kernels return contiguous gradients whatever the inputs' strides.
+    return tuple(x.new_empty(x.shape) if x is not None else u.new_empty(0) for x in inputs)
 
 
 def _setup_context(ctx, inputs, output):

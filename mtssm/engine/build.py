@@ -45,9 +45,11 @@ def build_model(cfg: RecipeConfig) -> nn.Module:
 
 
 def render_cache_dir(cfg: RecipeConfig) -> Path:
-    """Where ``--data rendered`` keeps the scenes: ``$MTSSM_CACHE`` or ``~/.cache/mtssm``, then
-    ``rendered/<layout>-<H>x<W>-<n>``."""
-    base = Path(os.environ.get("MTSSM_CACHE", Path.home() / ".cache" / "mtssm")).expanduser()
+    """Where ``--data rendered`` keeps the scenes: ``mtssm.paths.cache_dir()`` (``$MTSSM_CACHE_DIR``
+    or ``~/.cache/mtssm``), then ``rendered/<layout>-<H>x<W>-<n>``."""
+    from mtssm.paths import cache_dir
+
+    base = cache_dir()
     h, w = cfg.data.render_size
     return base / "rendered" / f"{cfg.data.dataset}-{h}x{w}-{cfg.data.render_n}"
 

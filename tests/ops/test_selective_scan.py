@@ -73,27 +73,33 @@ def test_matches_package_reference(scan_backend, dtype, variant):
     flags=st.tuples(*(st.booleans() for _ in range(6))),
     chunk=st.integers(1, 20),
     seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
 )
 def test_matches_mamba_ssm_reference(mamba_ref, scan_backend, batch, dim_per_group, groups, L, N,
-                                     flags, chunk, seed):
-    """Values and gradients of every input equal mamba-ssm's own selective_scan_ref (fp32)."""
+                                     flags, chunk, seed, dtype):
+    """Values and gradients of every input equal mamba-ssm's own selective_scan_ref. Its reference
+    computes in fp32 whatever the input dtype, so fp64 is compared at fp32 tolerance."""
+    tol = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     has_D, has_z, has_bias, softplus, variable, last = flags
     case = ScanCase(batch=batch, dim=dim_per_group * groups, groups=groups, L=L, N=N,
                     has_D=has_D, has_z=has_z, has_bias=has_bias, softplus=softplus,
-                    variable_B=variable, variable_C=variable, dtype=torch.float32, seed=seed)
+                    variable_B=variable, variable_C=variable, dtype=dtype, seed=seed)
     inputs = case.inputs()
     args = [inputs[k] for k in ARGS]
     ours = selective_scan(*args, softplus, last, chunk_size=chunk)
-    theirs = mamba_ref(*args, delta_softplus=softplus, return_last_state=last)
+    # mamba-ssm's reference cannot mix fp64 A with its fp32 compute: hand it fp32 views (the
+    # gradients still reach the fp64 leaves).
+    their_args = [a.float() if a is not None and dtype == torch.float64 else a for a in args]
+    theirs = mamba_ref(*their_args, delta_softplus=softplus, return_last_state=last)
     ours, theirs = (ours if last else (ours,)), (theirs if last else (theirs,))
-    w = [torch.randn_like(t) for t in theirs]
+    w = [torch.randn_like(t, dtype=torch.float32) for t in theirs]
     for o, t, name in zip(ours, theirs, ("out", "last_state")):
-        assert_close(o, t, torch.float32, name)
+        assert_close(o.float(), t.float(), tol, name)
     present = {k: v for k, v in inputs.items() if v is not None}
-    got = torch.autograd.grad(sum((o * wi).sum() for o, wi in zip(ours[:1], w)), list(present.values()))
-    want = torch.autograd.grad(sum((t * wi).sum() for t, wi in zip(theirs[:1], w)), list(present.values()))
+    got = torch.autograd.grad((ours[0].float() * w[0]).sum(), list(present.values()))
+    want = torch.autograd.grad((theirs[0].float() * w[0]).sum(), list(present.values()))
     for name, g, r in zip(present, got, want):
-        assert_close(g, r, torch.float32, f"grad {name}", grad=True)
+        assert_close(g.float(), r.float(), tol, f"grad {name}", grad=True)
 
 
 @pytest.mark.parametrize("variant", [{}, {"variable_B": False, "variable_C": False, "has_init": True},

@@ -13,7 +13,7 @@ from mtssm.engine.checkpoint import latest_checkpoint
 def test_tiny_recipe_runs_through_the_cli(tmp_path):
     from mtssm.cli import main
 
-    env = {"MTSSM_CACHE": str(tmp_path / "cache")}
+    env = {"MTSSM_CACHE_DIR": str(tmp_path / "cache")}
     out = tmp_path / "run"
     sets = ["train.steps=3", "train.log_every=1", "train.ckpt_every=2", "data.render_n=6",
             "data.render_size=[64, 64]", "data.crop_size=[64, 64]", "data.batch_size=2", "data.eval_batch_size=2",

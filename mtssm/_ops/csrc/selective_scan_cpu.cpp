@@ -29,6 +29,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -69,6 +70,9 @@ inline T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
+constexpr int64_t kRowBlock = 4;      // forward: (batch, channel) rows per block
+constexpr int64_t kChannelBlock = 2;  // backward: channels per block
+
 struct ScanShape {
   int64_t batch, dim, K, G, L, N, chunk, n_chunks;
   bool variable_B, variable_C, has_D, has_z, has_bias, has_init, has_perm, softplus;
@@ -99,6 +103,28 @@ inline P b_row(const ScanShape& s, P base, bool variable, int64_t b, int64_t k, 
   return base + (k * s.dim + c) * s.N;
 }
 
+// Work distribution: every thread of ATen's pool pulls blocks of [0, n) from a shared counter, so a
+// thread that is descheduled (another process on a small machine) does not hold the others back,
+// as an even static split would. body(worker, next) runs once per worker; next(begin, end) hands
+// out the following block and returns false when none is left. Workers are numbered
+// 0 .. workers(n, block) - 1, for per-worker buffers.
+inline int64_t workers(int64_t n, int64_t block) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + block - 1) / block));
+}
+
+template <typename Body>
+void parallel_dynamic(int64_t n, int64_t block, Body&& body) {
+  std::atomic<int64_t> counter{0};
+  auto next = [&](int64_t& begin, int64_t& end) {
+    begin = counter.fetch_add(block);
+    end = std::min(n, begin + block);
+    return begin < n;
+  };
+  at::parallel_for(0, workers(n, block), 1, [&](int64_t w_begin, int64_t w_end) {
+    for (int64_t w = w_begin; w < w_end; ++w) body(w, next);
+  });
+}
+
 // Step sizes of steps [t0, t0 + len) of one row: dt = softplus?(delta[p] + bias), du = dt * u[p],
 // and (for the backward) the softplus derivative sigmoid(delta[p] + bias).
 template <typename T>
@@ -127,8 +153,10 @@ template <typename T, int NS>
 void scan_forward(const ScanShape& s, const ScanArgs<T>& a, T* out, T* last_state,
                   T* chunk_states, T* pregate) {
   const int64_t N = NS > 0 ? NS : s.N, L = s.L;
-  at::parallel_for(0, s.batch * s.dim, 1, [&](int64_t begin, int64_t end) {
+  parallel_dynamic(s.batch * s.dim, kRowBlock, [&](int64_t, auto&& next) {
     std::vector<T> h(N), dts(s.chunk), dus(s.chunk);
+    int64_t begin, end;
+    while (next(begin, end))
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / s.dim, c = row % s.dim;
       const T* u = a.u + (b * s.dim + c) * L;
@@ -190,18 +218,19 @@ void scan_backward(const ScanShape& s, const ScanArgs<T>& a, const T* dout, cons
                    T* dB_out, T* dC_out, T* dD_out, T* dz_out, T* dbias_out, T* dinit_out) {
   const int64_t N = NS > 0 ? NS : s.N, L = s.L;
   // dB / dC partials: variable -> (batch, K, G, L, N) per thread; constant -> owned by channel.
-  const int64_t n_threads = at::get_num_threads();
+  const int64_t n_threads = workers(s.dim, kChannelBlock);
   const int64_t dBC_numel = s.batch * s.K * s.G * L * N;
   std::vector<T> dB_part(s.variable_B ? n_threads * dBC_numel : 0, T(0));
   std::vector<T> dC_part(s.variable_C ? n_threads * dBC_numel : 0, T(0));
 
-  at::parallel_for(0, s.dim, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tid = at::get_thread_num();
+  parallel_dynamic(s.dim, kChannelBlock, [&](int64_t tid, auto&& next) {
     T* dB_mine = s.variable_B ? dB_part.data() + tid * dBC_numel : nullptr;
     T* dC_mine = s.variable_C ? dC_part.data() + tid * dBC_numel : nullptr;
     std::vector<T> hs((s.chunk + 1) * N), as(s.chunk * N), g(N), dy(L), dA_acc(N);
     std::vector<T> dts(s.chunk), dus(s.chunk), dsoft(s.chunk);
     std::vector<T> dB_const(s.variable_B ? 0 : N), dC_const(s.variable_C ? 0 : N);
+    int64_t begin, end;
+    while (next(begin, end))
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t b = 0; b < s.batch; ++b) {
         const int64_t xrow = (b * s.dim + c) * L;
