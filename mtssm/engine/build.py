@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from mtssm.engine.config import RecipeConfig
+from mtssm.paths import cache_dir
 
 __all__ = [
     "DatasetNotFoundError",
@@ -47,8 +48,6 @@ def build_model(cfg: RecipeConfig) -> nn.Module:
 def render_cache_dir(cfg: RecipeConfig) -> Path:
     """Where ``--data rendered`` keeps the scenes: ``mtssm.paths.cache_dir()`` (``$MTSSM_CACHE_DIR``
     or ``~/.cache/mtssm``), then ``rendered/<layout>-<H>x<W>-<n>``."""
-    from mtssm.paths import cache_dir
-
     base = cache_dir()
     h, w = cfg.data.render_size
     return base / "rendered" / f"{cfg.data.dataset}-{h}x{w}-{cfg.data.render_n}"
