@@ -8,6 +8,10 @@ Run from the repository root::
 Prints, per model, the median eager and compiled step times, the compiled speed-up
 (eager / compiled, measured in the same run) and the one-off compile time. Compiling with Inductor
 takes minutes per model on a 2-core CPU.
+
+It also prints the share of the eager step spent in the ``mtssm::`` scan ops, profiled: Inductor
+runs those same kernels (and ATen's matmuls and convolutions), so ``1 / (scan share)`` bounds the
+speed-up that compiling can give even if it made everything else free.
 """
 
 from __future__ import annotations
@@ -27,6 +31,19 @@ def _step(model: torch.nn.Module, x: torch.Tensor) -> None:
     loss.backward()
     for p in model.parameters():
         p.grad = None
+
+
+def _scan_share(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Fraction of one eager step's CPU time spent inside ``mtssm::`` ops (profiled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _step(model, x)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    # The forward op's own time is listed under its autograd node in eager mode.
+    scan = sum(e.self_cpu_time_total for e in events if "mtssm" in e.key and "scan" in e.key)
+    return scan / max(total, 1e-9)
 
 
 def _time(model: torch.nn.Module, x: torch.Tensor, iters: int, warmup: int) -> tuple[float, float]:
@@ -58,16 +75,19 @@ def main() -> None:
     names = args.models or list_models("*_tiny")
     x = torch.randn(args.batch, 3, *args.size)
     print(f"input {tuple(x.shape)}, {torch.get_num_threads()} threads, backend {args.backend}, torch {torch.__version__}")
-    print(f"{'model':<22} {'params':>8} {'eager s':>9} {'compiled s':>11} {'speed-up':>9} {'compile s':>10}")
+    print(f"{'model':<22} {'params':>8} {'eager s':>9} {'compiled s':>11} {'speed-up':>9} {'compile s':>10} "
+          f"{'scan share':>11} {'bound':>7}")
     for name in names:
         torch.manual_seed(0)
         model = create_model(name).train()
         n = sum(p.numel() for p in model.parameters())
         _, eager = _time(model, x, args.iters, args.warmup)
+        share = _scan_share(model, x)
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend=args.backend)
         build, comp = _time(compiled, x, args.iters, max(args.warmup, 1))
-        print(f"{name:<22} {n / 1e6:>7.2f}M {eager:>9.3f} {comp:>11.3f} {eager / comp:>8.2f}x {build:>10.1f}", flush=True)
+        print(f"{name:<22} {n / 1e6:>7.2f}M {eager:>9.3f} {comp:>11.3f} {eager / comp:>8.2f}x {build:>10.1f} "
+              f"{100 * share:>10.0f}% {1 / share:>6.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ Prints, for batch=2, dim=256, L=4096, N=16, fp32:
   1. forward of torch.ops.mtssm.selective_scan vs mamba-ssm's selective_scan_ref (target >= 20x);
   2. forward+backward vs a lean PyTorch loop (exp(dA) and dBu precomputed, one addcmul per step)
      (target >= 20x);
-  3. forward+backward at L = 1024, 4096, 16384: time ratio per 4x of L (target <= 4.5x);
+  3. forward+backward at L = 1024, 4096, 16384: time ratio per 4x of L (target <= 4.5x); once with
+     glibc's default allocator, which maps every tensor above 32 MiB afresh from the OS (at
+     L = 16384 each (b, d, L) tensor is 32 MiB, so the op's five outputs are page-faulted on every
+     call), and once with freed memory kept for reuse (M_MMAP_THRESHOLD / M_TRIM_THRESHOLD raised
+     by mallopt, as jemalloc or tcmalloc would behave);
   4. peak extra memory of forward+backward vs storing every state (batch*dim*L*N floats)
      (target <= 25 %), measured in a fresh subprocess per implementation;
   5. the 4-direction 2-D scan on a 56x72 map, dim=384, batch 2: fused vs four single scans with
@@ -109,14 +113,32 @@ def section_fwd_bwd_vs_loop(batch, dim, L, N):
           f"mtssm {t_ours * 1e3:.1f}ms -> {t_loop / t_ours:.1f}x (target >= 20x)")
 
 
+def _keep_freed_memory() -> bool:
+    """Ask glibc to keep freed blocks for reuse instead of unmapping them (False if not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31))
+    except (OSError, AttributeError):
+        return False
+
+
 def section_linear_in_L(batch, dim, N, lengths):
-    times = []
-    for L in lengths:
-        xs = make_inputs(batch, dim, L, N, grad=True)
-        times.append(timeit(fwd_bwd(ours, xs), repeat=3))
-    parts = ", ".join(f"L={L}: {t * 1e3:.0f}ms" for L, t in zip(lengths, times))
-    ratios = ", ".join(f"{b / a:.2f}x" for a, b in zip(times, times[1:]))
-    print(f"3. fwd+bwd growth: {parts}; per 4x of L: {ratios} (target <= 4.5x)")
+    def growth(label):
+        times = []
+        for L in lengths:
+            xs = make_inputs(batch, dim, L, N, grad=True)
+            times.append(timeit(fwd_bwd(ours, xs), repeat=3))
+        parts = ", ".join(f"L={L}: {t * 1e3:.0f}ms" for L, t in zip(lengths, times))
+        ratios = ", ".join(f"{b / a:.2f}x" for a, b in zip(times, times[1:]))
+        print(f"3. fwd+bwd growth ({label}): {parts}; per 4x of L: {ratios} (target <= 4.5x)")
+
+    growth("default allocator")
+    if _keep_freed_memory():
+        growth("freed memory reused")
 
 
 _MEMORY_CHILD = r"""

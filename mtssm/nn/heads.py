@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtssm.nn.layers import FinalPatchExpand4x
@@ -20,6 +21,11 @@ class ExpandHead(nn.Module):
     """MTMamba's head: FinalPatchExpand4x (4x up, LN) then a 1x1 conv to the task's channels.
 
     ``(B, C, h, w) -> (B, C_t, 4h, 4w)``.
+
+    Computed in the cheaper, equal order: expand, LayerNorm and the 1x1 projection per pixel of the
+    ``(h, w)`` grid on its ``4x4`` sub-pixels, then a single shuffle of the ``C_t`` output channels
+    into the ``(4h, 4w)`` map (the norm and the projection are per pixel, so they commute with the
+    shuffle; the parameters are those of ``FinalPatchExpand4x`` + ``Conv2d``).
     """
 
     def __init__(
@@ -35,7 +41,10 @@ class ExpandHead(nn.Module):
         self.proj = nn.Conv2d(dim, out_channels, 1, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(self.expand(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        b, c, h, w = x.shape
+        y = self.expand.expand(x.permute(0, 2, 3, 1)).unflatten(-1, (4, 4, c))  # (B, h, w, 4, 4, C)
+        y = F.linear(self.expand.norm(y), self.proj.weight.flatten(1), self.proj.bias)  # (B, h, w, 4, 4, C_t)
+        return y.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, 4 * h, 4 * w)
 
 
 class LinearHead(nn.Module):

@@ -20,6 +20,8 @@ __all__ = [
     "drop_path",
     "drop_path_rates",
     "pixel_shuffle_last",
+    "resize_bilinear",
+    "upsample_bilinear_phases",
 ]
 
 
@@ -77,6 +79,55 @@ def pixel_shuffle_last(x: Tensor, scale: int) -> Tensor:
     c_out = c // (scale * scale)
     x = x.reshape(b, h, w, scale, scale, c_out).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h * scale, w * scale, c_out)
+
+
+def _upsample_axis(x: Tensor, scale: int, dim: int) -> Tensor:
+    """Bilinear (half-pixel centres) upsampling of axis ``dim`` by the integer ``scale``.
+
+    Output ``i = scale*q + r`` reads the source position ``q + f_r`` with ``f_r = (r + 0.5)/scale -
+    0.5`` in ``(-0.5, 0.5)``: ``(1 - |f_r|) x[q] + |f_r| x[q ± 1]``, with the border replicated
+    (which is ``F.interpolate``'s clamping of the source index).
+    """
+    n = x.shape[dim]
+    padded = torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, n - 1, 1)], dim)
+    left, right = padded.narrow(dim, 0, n), padded.narrow(dim, 2, n)
+    phases = []
+    for r in range(scale):
+        f = (r + 0.5) / scale - 0.5
+        phases.append(x if f == 0 else x * (1 - abs(f)) + (right if f > 0 else left) * abs(f))
+    return torch.stack(phases, dim + 1).flatten(dim, dim + 1)
+
+
+def upsample_bilinear_phases(x: Tensor, scale: tuple[int, int]) -> Tensor:
+    """``F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)`` for integer
+    scales, written as ``scale`` phase-wise blends of shifted copies: ``(B, C, h, w) -> (B, C,
+    s_h*h, s_w*w)``.
+
+    The same values (to rounding), but its backward is made of gathers, which Inductor fuses into
+    one loop, where the backward of its own bilinear decomposition is a scatter-add that runs
+    several times slower than ATen's kernel on CPU.
+    """
+    sh, sw = scale
+    if sw > 1:
+        x = _upsample_axis(x, sw, x.ndim - 1)
+    if sh > 1:
+        x = _upsample_axis(x, sh, x.ndim - 2)
+    return x
+
+
+def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize (``align_corners=False``) of ``(B, C, h, w)`` to ``(B, C, H, W)``.
+
+    Eager mode calls ``F.interpolate``; under ``torch.compile`` / ``torch.export`` an integer
+    upscale runs as :func:`upsample_bilinear_phases` (same values, a faster compiled backward).
+    """
+    h, w = x.shape[-2], x.shape[-1]
+    H, W = size
+    if (h, w) == (H, W):
+        return x
+    if torch.compiler.is_compiling() and H % h == 0 and W % w == 0 and H >= h and W >= w:
+        return upsample_bilinear_phases(x, (H // h, W // w))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class PatchExpand(nn.Module):

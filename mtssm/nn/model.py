@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import Tensor, nn
+
+from mtssm.nn.layers import resize_bilinear
 
 __all__ = ["ExportableModel", "MultiTaskModel", "feature_channels"]
 
@@ -69,9 +70,7 @@ class MultiTaskModel(nn.Module):
         out = {}
         for t in self.tasks:
             y = self.heads[t](feats[t])
-            if (y.shape[-2], y.shape[-1]) != size:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            out[t] = y
+            out[t] = resize_bilinear(y, size)
         return out
 
     def forward(self, images: Tensor) -> TensorDict:

@@ -15,6 +15,8 @@ from mtssm.nn.layers import (
     PatchExpand,
     drop_path_rates,
     pixel_shuffle_last,
+    resize_bilinear,
+    upsample_bilinear_phases,
 )
 from mtssm.nn.mtmamba import CTMBlock, MTMambaDecoder, STMBlock
 from mtssm.nn.mtmamba_pp import FCTMBlock, SCTMBlock
@@ -123,6 +125,38 @@ def test_heads():
     assert ExpandHead(8, 40)(x).shape == (2, 40, 12, 20)
     head = ConvHead(8, 3)
     assert head.conv.out_channels == 4 and head(x).shape == (2, 3, 3, 5)
+
+
+def test_expand_head_equals_expand_then_projection():
+    """The head runs norm and projection before the shuffle; they are per pixel, so it must equal
+    FinalPatchExpand4x followed by the 1x1 conv."""
+    torch.manual_seed(0)
+    head = ExpandHead(8, 5).double()
+    torch.nn.init.normal_(head.expand.norm.weight)
+    torch.nn.init.normal_(head.expand.norm.bias)
+    x = torch.randn(2, 8, 3, 4, dtype=torch.float64)
+    ref = head.proj(head.expand(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+    torch.testing.assert_close(head(x), ref)
+
+
+@pytest.mark.parametrize("scale", [(2, 2), (4, 4), (3, 5), (1, 4)])
+def test_upsample_bilinear_phases_equals_interpolate(scale):
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    ref = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+    out = upsample_bilinear_phases(x, scale)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
+def test_resize_bilinear_compiled_equals_eager():
+    x = torch.randn(1, 2, 3, 4)
+    eager = resize_bilinear(x, (12, 16))
+    torch.testing.assert_close(eager, torch.nn.functional.interpolate(x, size=(12, 16), mode="bilinear"))
+    compiled = torch.compile(resize_bilinear, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, (12, 16)), eager)
+    torch.testing.assert_close(compiled(x, (5, 7)), resize_bilinear(x, (5, 7)))  # not a multiple
+    assert resize_bilinear(x, (3, 4)) is x
 
 
 def _encoder_maps(b, h, w, channels=(8, 16, 32, 64)):

@@ -14,9 +14,10 @@
 //
 // Memory: the forward keeps the state only at chunk starts (chunk_states); the backward walks the
 // chunks from last to first, recomputes the states of one chunk into a (chunk, N) buffer and runs
-// the adjoint recurrence through it. Work is parallel over channels c (every parameter gradient of
-// a channel is owned by one task); dB and dC, which sum over the channels of a group, go to
-// per-thread partial buffers reduced at the end.
+// the adjoint recurrence through it. Work items are groups of channels (every parameter gradient of
+// a channel is owned by one item) that walk L chunk by chunk over all their channels, so one
+// chunk's rows of B and C (and of their gradients) are shared from cache by the group; dB and dC,
+// which sum over the channels of a group, go to per-worker partial buffers reduced at the end.
 //
 // Layouts (all contiguous; the Python side prepares them):
 //   u, z, out, pregate: (batch, dim, L)          delta: (batch, K, dim, L)
@@ -38,15 +39,10 @@
 
 namespace {
 
-template <typename T>
-inline T softplus(T x) {
-  return x > T(20) ? x : std::log1p(std::exp(x));
-}
-
-// exp for the state transition exp(dt * A), inlined so the N loop vectorises without a call.
-// float: Cephes-style range reduction + degree-6 polynomial (max rel. error 1.2e-7, i.e. fp32
-// rounding); arguments below -87.3 give ~1e-38 instead of denormals. double: std::exp.
-inline float exp_state(float x) {
+// exp, vectorisable (inlined, no libm call) for float: Cephes-style range reduction + degree-6
+// polynomial (max rel. error 1.2e-7, i.e. fp32 rounding); arguments below -87.3 give ~1e-38
+// instead of denormals. double: std::exp.
+inline float fast_exp(float x) {
   x = std::fmin(std::fmax(x, -87.3f), 88.7f);
   const float n = std::nearbyint(x * 1.44269504088896341f);
   const float r = std::fma(n, 2.12194440e-4f, std::fma(n, -0.693359375f, x));
@@ -63,15 +59,30 @@ inline float exp_state(float x) {
   return p * scale;
 }
 
-inline double exp_state(double x) { return std::exp(x); }
+inline double fast_exp(double x) { return std::exp(x); }
+
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)), vectorisable for float: with e = exp(-|x|) in (0, 1]
+// and s = e / (2 + e) in (0, 1/3], log1p(e) = 2 atanh(s) = 2 (s + s^3/3 + ... + s^13/13)
+// (truncation error below 1e-8). double: libm.
+inline float softplus(float x) {
+  const float e = fast_exp(-std::fabs(x));
+  const float s = e / (2.0f + e), s2 = s * s;
+  float p = 1.0f / 13.0f;
+  p = std::fma(p, s2, 1.0f / 11.0f);
+  p = std::fma(p, s2, 1.0f / 9.0f);
+  p = std::fma(p, s2, 1.0f / 7.0f);
+  p = std::fma(p, s2, 1.0f / 5.0f);
+  p = std::fma(p, s2, 1.0f / 3.0f);
+  p = std::fma(p, s2, 1.0f);
+  return std::fmax(x, 0.0f) + 2.0f * s * p;
+}
+
+inline double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
 
 template <typename T>
 inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+  return T(1) / (T(1) + fast_exp(-x));
 }
-
-constexpr int64_t kRowBlock = 4;      // forward: (batch, channel) rows per block
-constexpr int64_t kChannelBlock = 2;  // backward: channels per block
 
 struct ScanShape {
   int64_t batch, dim, K, G, L, N, chunk, n_chunks;
@@ -103,45 +114,84 @@ inline P b_row(const ScanShape& s, P base, bool variable, int64_t b, int64_t k, 
   return base + (k * s.dim + c) * s.N;
 }
 
-// Work distribution: every thread of ATen's pool pulls blocks of [0, n) from a shared counter, so a
+// The pointers and scalars of one scan row (b, k, c).
+template <typename T>
+struct Row {
+  const T* delta;  // (L,) in spatial order
+  const T* A;      // (N,)
+  const T* B;      // (L, N) variable, (N,) constant
+  const T* C;
+  const int64_t* perm;  // (L,) visit order, or null for 0..L-1
+  T bias;
+  int64_t srow;  // (b, k, c) index into per-row state tensors
+
+  Row(const ScanShape& s, const ScanArgs<T>& a, int64_t b, int64_t k, int64_t c)
+      : delta(a.delta + ((b * s.K + k) * s.dim + c) * s.L),
+        A(a.A + (k * s.dim + c) * s.N),
+        B(b_row(s, a.B, s.variable_B, b, k, c)),
+        C(b_row(s, a.C, s.variable_C, b, k, c)),
+        perm(s.has_perm ? a.perm + k * s.L : nullptr),
+        bias(s.has_bias ? a.bias[k * s.dim + c] : T(0)),
+        srow((b * s.K + k) * s.dim + c) {}
+};
+
+// Work distribution: every thread of ATen's pool pulls items of [0, n) from a shared counter, so a
 // thread that is descheduled (another process on a small machine) does not hold the others back,
-// as an even static split would. body(worker, next) runs once per worker; next(begin, end) hands
-// out the following block and returns false when none is left. Workers are numbered
-// 0 .. workers(n, block) - 1, for per-worker buffers.
-inline int64_t workers(int64_t n, int64_t block) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + block - 1) / block));
+// as an even static split would. body(worker, item) runs once per item; workers are numbered
+// 0 .. workers(n) - 1, for per-worker buffers, and each worker creates its buffers once
+// (make_local(worker)) and hands them to every item it runs.
+inline int64_t workers(int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
 }
 
-template <typename Body>
-void parallel_dynamic(int64_t n, int64_t block, Body&& body) {
+template <typename MakeLocal, typename Body>
+void parallel_dynamic(int64_t n, MakeLocal&& make_local, Body&& body) {
   std::atomic<int64_t> counter{0};
-  auto next = [&](int64_t& begin, int64_t& end) {
-    begin = counter.fetch_add(block);
-    end = std::min(n, begin + block);
-    return begin < n;
-  };
-  at::parallel_for(0, workers(n, block), 1, [&](int64_t w_begin, int64_t w_end) {
-    for (int64_t w = w_begin; w < w_end; ++w) body(w, next);
+  at::parallel_for(0, workers(n), 1, [&](int64_t w_begin, int64_t w_end) {
+    for (int64_t w = w_begin; w < w_end; ++w) {
+      auto local = make_local(w);
+      for (int64_t item = counter.fetch_add(1); item < n; item = counter.fetch_add(1)) {
+        body(local, item);
+      }
+    }
   });
+}
+
+// Channels per work item. The items walk L chunk by chunk over all their channels, so the B / C
+// rows (and their gradients) of a chunk are read from cache by every channel of the group instead
+// of streaming the whole (L, N) block once per channel; small dims use smaller groups so that
+// every thread still gets several items.
+constexpr int64_t kMaxGroup = 8;
+
+inline int64_t group_size(int64_t dim) {
+  return std::clamp<int64_t>(dim / (4 * at::get_num_threads()), 1, kMaxGroup);
 }
 
 // Step sizes of steps [t0, t0 + len) of one row: dt = softplus?(delta[p] + bias), du = dt * u[p],
 // and (for the backward) the softplus derivative sigmoid(delta[p] + bias).
 template <typename T>
-inline void step_sizes(const ScanShape& s, const T* delta, const T* u, const int64_t* perm, T bias,
-                       int64_t t0, int64_t len, T* dt, T* du, T* dsoft) {
-  for (int64_t i = 0; i < len; ++i) {
-    const int64_t p = perm ? perm[t0 + i] : t0 + i;
-    dt[i] = delta[p] + bias;
-    du[i] = u[p];
+inline void step_sizes(bool use_softplus, const Row<T>& r, const T* u, int64_t t0, int64_t len,
+                       T* dt, T* du, T* dsoft) {
+  if (r.perm) {
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t p = r.perm[t0 + i];
+      dt[i] = r.delta[p] + r.bias;
+      du[i] = u[p];
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      dt[i] = r.delta[t0 + i] + r.bias;
+      du[i] = u[t0 + i];
+    }
   }
-  if (s.softplus) {
+  if (use_softplus) {
     if (dsoft) {
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) dsoft[i] = T(1) / (T(1) + std::exp(-dt[i]));
+      for (int64_t i = 0; i < len; ++i) dsoft[i] = sigmoid(dt[i]);
     }
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) dt[i] = dt[i] > T(20) ? dt[i] : std::log1p(std::exp(dt[i]));
+    for (int64_t i = 0; i < len; ++i) dt[i] = softplus(dt[i]);
   }
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) du[i] *= dt[i];
@@ -149,162 +199,211 @@ inline void step_sizes(const ScanShape& s, const T* delta, const T* u, const int
 
 // NS > 0: the state size known at compile time (the common sizes), so the N loops unroll into
 // whole vectors; NS == 0: any N.
+//
+// One item is (batch b, a group of channels); for every direction k it walks the chunks in order
+// and, inside a chunk, every channel of the group, carrying each channel's state h between chunks.
 template <typename T, int NS>
 void scan_forward(const ScanShape& s, const ScanArgs<T>& a, T* out, T* last_state,
                   T* chunk_states, T* pregate) {
   const int64_t N = NS > 0 ? NS : s.N, L = s.L;
-  parallel_dynamic(s.batch * s.dim, kRowBlock, [&](int64_t, auto&& next) {
-    std::vector<T> h(N), dts(s.chunk), dus(s.chunk);
-    int64_t begin, end;
-    while (next(begin, end))
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / s.dim, c = row % s.dim;
-      const T* u = a.u + (b * s.dim + c) * L;
-      T* y = out + (b * s.dim + c) * L;
-      std::fill(y, y + L, T(0));
-      T d_sum = T(0);
-      for (int64_t k = 0; k < s.K; ++k) {
-        const T* delta = a.delta + ((b * s.K + k) * s.dim + c) * L;
-        const T* A = a.A + (k * s.dim + c) * N;
-        const T* Bb = b_row(s, a.B, s.variable_B, b, k, c);
-        const T* Cb = b_row(s, a.C, s.variable_C, b, k, c);
-        const int64_t* perm = s.has_perm ? a.perm + k * L : nullptr;
-        const T bias = s.has_bias ? a.bias[k * s.dim + c] : T(0);
-        if (s.has_D) d_sum += a.D[k * s.dim + c];
+  const int64_t cg = group_size(s.dim), n_groups = (s.dim + cg - 1) / cg;
+  struct Local {
+    std::vector<T> h, dts, dus;
+  };
+  auto make_local = [&](int64_t) { return Local{std::vector<T>(cg * N), std::vector<T>(s.chunk), std::vector<T>(s.chunk)}; };
+  parallel_dynamic(s.batch * n_groups, make_local, [&](Local& w, int64_t item) {
+    const int64_t b = item / n_groups, c0 = (item % n_groups) * cg, c1 = std::min(s.dim, c0 + cg);
+    T d_sum[kMaxGroup] = {};
+    std::fill(out + (b * s.dim + c0) * L, out + (b * s.dim + c1) * L, T(0));
+    for (int64_t k = 0; k < s.K; ++k) {
+      for (int64_t c = c0; c < c1; ++c) {
         const int64_t srow = (b * s.K + k) * s.dim + c;
+        T* h = w.h.data() + (c - c0) * N;
         if (s.has_init) {
-          std::copy(a.init + srow * N, a.init + (srow + 1) * N, h.begin());
+          std::copy(a.init + srow * N, a.init + (srow + 1) * N, h);
         } else {
-          std::fill(h.begin(), h.end(), T(0));
+          std::fill(h, h + N, T(0));
         }
-        T* cs = chunk_states + srow * s.n_chunks * N;
-        for (int64_t j = 0; j < s.n_chunks; ++j) {
-          const int64_t t0 = j * s.chunk, len = std::min(L, t0 + s.chunk) - t0;
-          std::copy(h.begin(), h.end(), cs + j * N);
-          step_sizes(s, delta, u, perm, bias, t0, len, dts.data(), dus.data(), static_cast<T*>(nullptr));
+        if (s.has_D) d_sum[c - c0] += a.D[k * s.dim + c];
+      }
+      for (int64_t j = 0; j < s.n_chunks; ++j) {
+        const int64_t t0 = j * s.chunk, len = std::min(L, t0 + s.chunk) - t0;
+        for (int64_t c = c0; c < c1; ++c) {
+          const Row<T> r(s, a, b, k, c);
+          const T* u = a.u + (b * s.dim + c) * L;
+          T* y = out + (b * s.dim + c) * L;
+          T* h = w.h.data() + (c - c0) * N;
+          const T* A = r.A;
+          std::copy(h, h + N, chunk_states + (r.srow * s.n_chunks + j) * N);
+          step_sizes(s.softplus, r, u, t0, len, w.dts.data(), w.dus.data(), static_cast<T*>(nullptr));
           for (int64_t i = 0; i < len; ++i) {
-            const int64_t p = perm ? perm[t0 + i] : t0 + i;
-            const T dt = dts[i], du = dus[i];
-            const T* Bp = s.variable_B ? Bb + p * N : Bb;
-            const T* Cp = s.variable_C ? Cb + p * N : Cb;
+            const int64_t p = r.perm ? r.perm[t0 + i] : t0 + i;
+            const T dt = w.dts[i], du = w.dus[i];
+            const T* Bp = s.variable_B ? r.B + p * N : r.B;
+            const T* Cp = s.variable_C ? r.C + p * N : r.C;
             T acc = T(0);
 #pragma omp simd reduction(+ : acc)
             for (int64_t n = 0; n < N; ++n) {
-              const T hn = exp_state(dt * A[n]) * h[n] + du * Bp[n];
+              const T hn = fast_exp(dt * A[n]) * h[n] + du * Bp[n];
               h[n] = hn;
               acc += Cp[n] * hn;
             }
             y[p] += acc;
           }
         }
-        std::copy(h.begin(), h.end(), last_state + srow * N);
       }
-      for (int64_t l = 0; l < L; ++l) {
-        T o = y[l] + d_sum * u[l];
-        if (s.has_z) {
-          const T zl = a.z[(b * s.dim + c) * L + l];
-          pregate[(b * s.dim + c) * L + l] = o;
-          o = o * zl * sigmoid(zl);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t srow = (b * s.K + k) * s.dim + c;
+        std::copy(w.h.data() + (c - c0) * N, w.h.data() + (c - c0 + 1) * N, last_state + srow * N);
+      }
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t x = (b * s.dim + c) * L;
+      const T* u = a.u + x;
+      T* y = out + x;
+      const T ds = d_sum[c - c0];
+      if (s.has_z) {
+        const T* z = a.z + x;
+        T* pre = pregate + x;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) {
+          const T o = y[l] + ds * u[l];
+          pre[l] = o;
+          y[l] = o * z[l] * sigmoid(z[l]);
         }
-        y[l] = o;
+      } else {
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) y[l] += ds * u[l];
       }
     }
   });
 }
 
+// The adjoint of scan_forward. One item is a group of channels (all batches, so every parameter
+// gradient of a channel has one writer); for every (b, k) it walks the chunks from last to first
+// and, inside a chunk, every channel of the group: it recomputes the chunk's states from the
+// stored chunk start into a (chunk, N) buffer and runs the adjoint recurrence through it, carrying
+// each channel's dL/dh between chunks. dB and dC, which sum over the channels sharing a B/C group,
+// go to per-worker partial buffers reduced at the end.
 template <typename T, int NS>
 void scan_backward(const ScanShape& s, const ScanArgs<T>& a, const T* dout, const T* dlast,
                    const T* chunk_states, const T* pregate, T* du_out, T* ddelta_out, T* dA_out,
                    T* dB_out, T* dC_out, T* dD_out, T* dz_out, T* dbias_out, T* dinit_out) {
   const int64_t N = NS > 0 ? NS : s.N, L = s.L;
-  // dB / dC partials: variable -> (batch, K, G, L, N) per thread; constant -> owned by channel.
-  const int64_t n_threads = workers(s.dim, kChannelBlock);
+  const int64_t cg = group_size(s.dim), n_groups = (s.dim + cg - 1) / cg;
+  // dB / dC partials: variable -> (batch, K, G, L, N) per worker; constant -> owned by channel.
+  const int64_t n_workers = workers(n_groups);
   const int64_t dBC_numel = s.batch * s.K * s.G * L * N;
-  std::vector<T> dB_part(s.variable_B ? n_threads * dBC_numel : 0, T(0));
-  std::vector<T> dC_part(s.variable_C ? n_threads * dBC_numel : 0, T(0));
+  std::vector<T> dB_part(s.variable_B ? n_workers * dBC_numel : 0, T(0));
+  std::vector<T> dC_part(s.variable_C ? n_workers * dBC_numel : 0, T(0));
 
-  parallel_dynamic(s.dim, kChannelBlock, [&](int64_t tid, auto&& next) {
-    T* dB_mine = s.variable_B ? dB_part.data() + tid * dBC_numel : nullptr;
-    T* dC_mine = s.variable_C ? dC_part.data() + tid * dBC_numel : nullptr;
-    std::vector<T> hs((s.chunk + 1) * N), as(s.chunk * N), g(N), dy(L), dA_acc(N);
-    std::vector<T> dts(s.chunk), dus(s.chunk), dsoft(s.chunk);
-    std::vector<T> dB_const(s.variable_B ? 0 : N), dC_const(s.variable_C ? 0 : N);
-    int64_t begin, end;
-    while (next(begin, end))
-    for (int64_t c = begin; c < end; ++c) {
-      for (int64_t b = 0; b < s.batch; ++b) {
-        const int64_t xrow = (b * s.dim + c) * L;
-        const T* u = a.u + xrow;
-        // d(out)/d(o) and dz; dy is the gradient reaching every direction's y.
+  struct Local {
+    T* dB_mine;
+    T* dC_mine;
+    // Per chunk: recomputed states, transitions, step sizes. Per channel of the group: dy over L,
+    // the carried dL/dh and the parameter-gradient accumulators.
+    std::vector<T> hs, as, dts, dus, dsoft, dy, g, dA_acc, dB_const, dC_const;
+  };
+  auto make_local = [&](int64_t w) {
+    return Local{s.variable_B ? dB_part.data() + w * dBC_numel : nullptr,
+                 s.variable_C ? dC_part.data() + w * dBC_numel : nullptr,
+                 std::vector<T>((s.chunk + 1) * N), std::vector<T>(s.chunk * N),
+                 std::vector<T>(s.chunk), std::vector<T>(s.chunk), std::vector<T>(s.chunk),
+                 std::vector<T>(cg * L), std::vector<T>(cg * N), std::vector<T>(cg * N),
+                 std::vector<T>(cg * N), std::vector<T>(cg * N)};
+  };
+  parallel_dynamic(n_groups, make_local, [&](Local& w, int64_t item) {
+    const int64_t c0 = item * cg, c1 = std::min(s.dim, c0 + cg);
+    for (int64_t b = 0; b < s.batch; ++b) {
+      // d(out)/d(o), dz, the D-skip part of du; dy is the gradient reaching every direction's y.
+      T dD_row[kMaxGroup] = {};
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t x = (b * s.dim + c) * L;
+        const T* u = a.u + x;
+        const T* go = dout + x;
+        T* dy = w.dy.data() + (c - c0) * L;
         T d_sum = T(0);
         if (s.has_D)
           for (int64_t k = 0; k < s.K; ++k) d_sum += a.D[k * s.dim + c];
-        T dD_row = T(0);
-        for (int64_t l = 0; l < L; ++l) {
-          T go = dout[xrow + l];
-          if (s.has_z) {
-            const T zl = a.z[xrow + l];
-            const T sg = sigmoid(zl);
-            dz_out[xrow + l] = go * pregate[xrow + l] * sg * (T(1) + zl * (T(1) - sg));
-            go = go * zl * sg;
+        if (s.has_z) {
+          const T* z = a.z + x;
+          const T* pre = pregate + x;
+          T* dz = dz_out + x;
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) {
+            const T sg = sigmoid(z[l]);
+            dz[l] = go[l] * pre[l] * sg * (T(1) + z[l] * (T(1) - sg));
+            dy[l] = go[l] * z[l] * sg;
           }
-          dy[l] = go;
-          dD_row += go * u[l];
-          du_out[xrow + l] = d_sum * go;
+        } else {
+          std::copy(go, go + L, dy);
         }
-        for (int64_t k = 0; k < s.K; ++k) {
-          if (s.has_D) dD_out[k * s.dim + c] += dD_row;
-          const int64_t srow = (b * s.K + k) * s.dim + c;
-          const T* delta = a.delta + srow * L;
-          T* ddelta = ddelta_out + srow * L;
-          const T* A = a.A + (k * s.dim + c) * N;
-          const T* Bb = b_row(s, a.B, s.variable_B, b, k, c);
-          const T* Cb = b_row(s, a.C, s.variable_C, b, k, c);
-          T* dBb = s.variable_B ? b_row(s, dB_mine, true, b, k, c) : nullptr;
-          T* dCb = s.variable_C ? b_row(s, dC_mine, true, b, k, c) : nullptr;
-          const int64_t* perm = s.has_perm ? a.perm + k * L : nullptr;
-          const T bias = s.has_bias ? a.bias[k * s.dim + c] : T(0);
-          const T* cs = chunk_states + srow * s.n_chunks * N;
-          std::fill(dA_acc.begin(), dA_acc.end(), T(0));
-          if (!s.variable_B) std::fill(dB_const.begin(), dB_const.end(), T(0));
-          if (!s.variable_C) std::fill(dC_const.begin(), dC_const.end(), T(0));
-          T dbias_acc = T(0);
+        T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+        for (int64_t l = 0; l < L; ++l) {
+          acc += dy[l] * u[l];
+          du_out[x + l] = d_sum * dy[l];
+        }
+        dD_row[c - c0] = acc;
+      }
+      for (int64_t k = 0; k < s.K; ++k) {
+        T dbias_acc[kMaxGroup] = {};
+        for (int64_t c = c0; c < c1; ++c) {
+          if (s.has_D) dD_out[k * s.dim + c] += dD_row[c - c0];
+          const int64_t srow = (b * s.K + k) * s.dim + c, o = (c - c0) * N;
           if (dlast) {
-            std::copy(dlast + srow * N, dlast + (srow + 1) * N, g.begin());
+            std::copy(dlast + srow * N, dlast + (srow + 1) * N, w.g.begin() + o);
           } else {
-            std::fill(g.begin(), g.end(), T(0));
+            std::fill(w.g.begin() + o, w.g.begin() + o + N, T(0));
           }
-          // g holds dL/dh_t + (not yet) C_t * dy_t: we carry a_{t+1} * g_{t+1} between steps.
-          for (int64_t j = s.n_chunks - 1; j >= 0; --j) {
-            const int64_t t0 = j * s.chunk, len = std::min(L, t0 + s.chunk) - t0;
-            step_sizes(s, delta, u, perm, bias, t0, len, dts.data(), dus.data(), dsoft.data());
+          std::fill(w.dA_acc.begin() + o, w.dA_acc.begin() + o + N, T(0));
+          std::fill(w.dB_const.begin() + o, w.dB_const.begin() + o + N, T(0));
+          std::fill(w.dC_const.begin() + o, w.dC_const.begin() + o + N, T(0));
+        }
+        for (int64_t j = s.n_chunks - 1; j >= 0; --j) {
+          const int64_t t0 = j * s.chunk, len = std::min(L, t0 + s.chunk) - t0;
+          for (int64_t c = c0; c < c1; ++c) {
+            const Row<T> r(s, a, b, k, c);
+            const int64_t x = (b * s.dim + c) * L, o = (c - c0) * N;
+            const T* u = a.u + x;
+            const T* A = r.A;
+            const T* dy = w.dy.data() + (c - c0) * L;
+            T* ddelta = ddelta_out + r.srow * L;
+            T* dBb = s.variable_B ? b_row(s, w.dB_mine, true, b, k, c) : w.dB_const.data() + o;
+            T* dCb = s.variable_C ? b_row(s, w.dC_mine, true, b, k, c) : w.dC_const.data() + o;
+            T* g = w.g.data() + o;
+            T* dA_acc = w.dA_acc.data() + o;
+            T* hs = w.hs.data();
+            T* as = w.as.data();
+            step_sizes(s.softplus, r, u, t0, len, w.dts.data(), w.dus.data(), w.dsoft.data());
             // Recompute states h_{t0-1} .. h_{t0+len-1} into hs[0 .. len] and exp(dt*A) into as.
-            std::copy(cs + j * N, cs + (j + 1) * N, hs.begin());
+            std::copy(chunk_states + (r.srow * s.n_chunks + j) * N,
+                      chunk_states + (r.srow * s.n_chunks + j + 1) * N, hs);
             for (int64_t i = 0; i < len; ++i) {
-              const int64_t p = perm ? perm[t0 + i] : t0 + i;
-              const T dt = dts[i], dux = dus[i];
-              const T* Bp = s.variable_B ? Bb + p * N : Bb;
-              const T* hp = hs.data() + i * N;
-              T* hn = hs.data() + (i + 1) * N;
-              T* at = as.data() + i * N;
+              const int64_t p = r.perm ? r.perm[t0 + i] : t0 + i;
+              const T dt = w.dts[i], dux = w.dus[i];
+              const T* Bp = s.variable_B ? r.B + p * N : r.B;
+              const T* hp = hs + i * N;
+              T* hn = hs + (i + 1) * N;
+              T* at = as + i * N;
 #pragma omp simd
               for (int64_t n = 0; n < N; ++n) {
-                at[n] = exp_state(dt * A[n]);
+                at[n] = fast_exp(dt * A[n]);
                 hn[n] = at[n] * hp[n] + dux * Bp[n];
               }
             }
+            T dbias = T(0);
             for (int64_t i = len - 1; i >= 0; --i) {
-              const int64_t p = perm ? perm[t0 + i] : t0 + i;
-              const T dt = dts[i], dux = dus[i];
-              const T up = u[p];
+              const int64_t p = r.perm ? r.perm[t0 + i] : t0 + i;
+              const T dt = w.dts[i], dux = w.dus[i];
               const T dyp = dy[p];
-              const T* Bp = s.variable_B ? Bb + p * N : Bb;
-              const T* Cp = s.variable_C ? Cb + p * N : Cb;
-              const T* hp = hs.data() + i * N;        // h_{t-1}
-              const T* hc = hs.data() + (i + 1) * N;  // h_t
-              const T* at = as.data() + i * N;
-              T* dBp = s.variable_B ? dBb + p * N : dB_const.data();
-              T* dCp = s.variable_C ? dCb + p * N : dC_const.data();
+              const T* Bp = s.variable_B ? r.B + p * N : r.B;
+              const T* Cp = s.variable_C ? r.C + p * N : r.C;
+              const T* hp = hs + i * N;        // h_{t-1}
+              const T* hc = hs + (i + 1) * N;  // h_t
+              const T* at = as + i * N;
+              T* dBp = s.variable_B ? dBb + p * N : dBb;
+              T* dCp = s.variable_C ? dCb + p * N : dCb;
               T d_dux = T(0), d_dt = T(0);
 #pragma omp simd reduction(+ : d_dux, d_dt)
               for (int64_t n = 0; n < N; ++n) {
@@ -317,31 +416,34 @@ void scan_backward(const ScanShape& s, const ScanArgs<T>& a, const T* dout, cons
                 dA_acc[n] += da * dt;
                 g[n] = gn * at[n];  // dL/dh_{t-1} through this step
               }
-              du_out[xrow + p] += d_dux * dt;
-              d_dt += d_dux * up;
-              const T d_raw = s.softplus ? d_dt * dsoft[i] : d_dt;
+              du_out[x + p] += d_dux * dt;
+              d_dt += d_dux * u[p];
+              const T d_raw = s.softplus ? d_dt * w.dsoft[i] : d_dt;
               ddelta[p] = d_raw;
-              dbias_acc += d_raw;
+              dbias += d_raw;
             }
+            dbias_acc[c - c0] += dbias;
           }
-          if (s.has_init) std::copy(g.begin(), g.end(), dinit_out + srow * N);
-          T* dA = dA_out + (k * s.dim + c) * N;
-          for (int64_t n = 0; n < N; ++n) dA[n] += dA_acc[n];
+        }
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t srow = (b * s.K + k) * s.dim + c, o = (c - c0) * N, pc = (k * s.dim + c) * N;
+          if (s.has_init) std::copy(w.g.begin() + o, w.g.begin() + o + N, dinit_out + srow * N);
+          for (int64_t n = 0; n < N; ++n) dA_out[pc + n] += w.dA_acc[o + n];
           if (!s.variable_B)
-            for (int64_t n = 0; n < N; ++n) dB_out[(k * s.dim + c) * N + n] += dB_const[n];
+            for (int64_t n = 0; n < N; ++n) dB_out[pc + n] += w.dB_const[o + n];
           if (!s.variable_C)
-            for (int64_t n = 0; n < N; ++n) dC_out[(k * s.dim + c) * N + n] += dC_const[n];
-          if (s.has_bias) dbias_out[k * s.dim + c] += dbias_acc;
+            for (int64_t n = 0; n < N; ++n) dC_out[pc + n] += w.dC_const[o + n];
+          if (s.has_bias) dbias_out[k * s.dim + c] += dbias_acc[c - c0];
         }
       }
     }
   });
-  // Reduce the per-thread partials of variable B / C.
+  // Reduce the per-worker partials of variable B / C.
   auto reduce = [&](const std::vector<T>& part, T* dst) {
     at::parallel_for(0, dBC_numel, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         T acc = T(0);
-        for (int64_t th = 0; th < n_threads; ++th) acc += part[th * dBC_numel + i];
+        for (int64_t th = 0; th < n_workers; ++th) acc += part[th * dBC_numel + i];
         dst[i] = acc;
       }
     });
