@@ -10,7 +10,9 @@ epochs through :func:`mtssm.data.make_dataloader`. Prints:
 - the baseline measured in the same run: images/s of decoding alone in one process;
 - CPU milliseconds per image (workers + main process), and the throughput that CPU cost allows
   on ``--workers`` idle cores - the figure to read on a machine shared with other jobs, where the
-  wall-clock rate only reflects this run's share of the cores.
+  wall-clock rate only reflects this run's share of the cores;
+- the main process's part of that CPU time (receiving the compact batches from the workers and
+  converting them to float / int64 tensors, see :func:`mtssm.data.loader.finalize_batch`).
 """
 
 from __future__ import annotations
@@ -60,8 +62,10 @@ def main() -> None:
         wall = time.perf_counter() - wall0
         del batch, loader  # persistent workers exit here, so their CPU time is counted
         gc.collect()
-        cpu = _children_cpu() - cpu0 + time.process_time() - main0
+        main_cpu = time.process_time() - main0
+        cpu = _children_cpu() - cpu0 + main_cpu
     cpu_ms = 1000 * cpu / n_images
+    main_ms = 1000 * main_cpu / n_images
     cores = max(args.workers, 1)
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"decode only, 1 process:                 {decode_ips:7.1f} images/s (baseline)")
@@ -69,6 +73,7 @@ def main() -> None:
           f"({n_images / wall / decode_ips:.2f}x baseline), {n_images} images")
     print(f"CPU per image (workers + main):         {cpu_ms:7.1f} ms -> {1000 * cores / cpu_ms:.1f} images/s "
           f"on {cores} idle cores")
+    print(f"  of which in the main process:         {main_ms:7.1f} ms")
 
 
 if __name__ == "__main__":

@@ -62,23 +62,32 @@ Sample = dict[str, Any]
 Transform = Callable[[Sample, np.random.Generator], Sample]
 
 
-_NORMAL_LUT = np.arange(256, dtype=np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+_NORMAL_SCALE = np.float32(2.0 / 255.0)
 
 
-def decode_normals(png: np.ndarray, channels_first: bool = False) -> np.ndarray:
+def decode_normals(png: np.ndarray, channels_first: bool = False, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 (H, W, 3) codes -> float32 unit normals via n = 2 v / 255 - 1, renormalised; codes
     whose vector has norm < 0.1 (e.g. 128, 128, 128) are invalid and give 0. Returns (H, W, 3),
-    or (3, H, W) with ``channels_first``."""
-    n = np.empty((3,) + png.shape[:2], np.float32)
-    for c in range(3):
-        np.take(_NORMAL_LUT, png[..., c], out=n[c])
-    sq = n[0] * n[0]
-    sq += n[1] * n[1]
-    sq += n[2] * n[2]
-    valid = sq >= np.float32(0.01)
-    inv = np.zeros_like(sq)
-    np.divide(1.0, np.sqrt(sq, out=sq), out=inv, where=valid)
-    n *= inv
+    or (3, H, W) with ``channels_first``, in which case ``out`` (a C-contiguous float32
+    (3, H, W) array) may receive the result."""
+    shape = (3,) + png.shape[:2]
+    if out is None:
+        n = np.empty(shape, np.float32)
+    elif not channels_first or out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {shape} with channels_first")
+    else:
+        n = out
+    for c in range(3):  # float32 v * (2 / 255) - 1, rounded as a float32 lookup table would be
+        np.multiply(png[..., c], _NORMAL_SCALE, out=n[c], dtype=np.float32)
+    n -= np.float32(1.0)
+    sq = np.multiply(n[0], n[0])
+    tmp = np.multiply(n[1], n[1])
+    sq += tmp
+    sq += np.multiply(n[2], n[2], out=tmp)
+    invalid = sq < np.float32(0.01)
+    np.sqrt(sq, out=sq)
+    np.copyto(sq, np.inf, where=invalid)  # 1 / inf = 0: invalid normals become 0
+    n *= np.divide(np.float32(1.0), sq, out=sq)
     return n if channels_first else np.ascontiguousarray(n.transpose(1, 2, 0))
 
 
@@ -204,12 +213,13 @@ class DenseDataset(torch.utils.data.Dataset):
 def _labels(path: Path, size: tuple[int, int], max_value: int, allow_ignore: bool) -> np.ndarray:
     arr = read_label_png(path)
     check_size(path, arr, size)
-    bad = arr > max_value
-    if allow_ignore:
-        bad &= arr != IGNORE_INDEX
-    if bad.any():
-        allowed = f"0..{max_value}" + (" or 255" if allow_ignore else "")
-        raise DataFileError(path, f"label value {int(arr[bad].max())} out of range (expected {allowed})")
+    if arr.size and arr.max() > max_value:  # one reduction; the mask only for the slow path
+        bad = arr > max_value
+        if allow_ignore:
+            bad &= arr != IGNORE_INDEX
+        if bad.any():
+            allowed = f"0..{max_value}" + (" or 255" if allow_ignore else "")
+            raise DataFileError(path, f"label value {int(arr[bad].max())} out of range (expected {allowed})")
     return arr.astype(np.uint8)
 
 
@@ -234,7 +244,8 @@ class NYUDv2(DenseDataset):
 
     def _read_semseg(self, sid: str, size: tuple[int, int]) -> np.ndarray:
         # stored 0..40 with 0 unlabelled -> class v - 1, and 0 - 1 wraps to 255 in uint8.
-        return _labels(self.root / "segmentation" / f"{sid}.png", size, 40, False) - np.uint8(1)
+        labels = _labels(self.root / "segmentation" / f"{sid}.png", size, 40, False)
+        return np.subtract(labels, np.uint8(1), dtype=np.uint8)
 
     def _read_depth(self, sid: str, size: tuple[int, int]) -> np.ndarray:
         path = self.root / "depth" / f"{sid}.npy"
@@ -244,8 +255,9 @@ class NYUDv2(DenseDataset):
         if depth.ndim != 2:
             raise DataFileError(path, f"expected a 2-D depth map, got shape {depth.shape}")
         check_size(path, depth, size)
-        depth = depth.astype(np.float32)
-        if not np.isfinite(depth).all() or (depth < 0).any():
+        depth = depth.astype(np.float32, copy=False)
+        # min is NaN if any value is; two reductions instead of full-size masks
+        if depth.size and not (depth.min() >= 0 and depth.max() < np.inf):
             raise DataFileError(path, "depth holds negative or non-finite values (expected >= 0 metres)")
         return depth
 
@@ -256,10 +268,11 @@ class NYUDv2(DenseDataset):
         path = self.root / "edge" / f"{sid}.png"
         arr = read_label_png(path)
         check_size(path, arr, size)
-        bad = (arr != 0) & (arr != 255)
-        if bad.any():
+        edge = arr == 255
+        if np.count_nonzero(arr) != np.count_nonzero(edge):  # some value is neither 0 nor 255
+            bad = (arr != 0) & ~edge
             raise DataFileError(path, f"edge value {int(arr[bad][0])} out of range (expected 0 or 255)")
-        return (arr == 255).view(np.uint8)
+        return edge.view(np.uint8)
 
 
 class PASCALContext(DenseDataset):

@@ -5,10 +5,16 @@ The sampler yields ``(index, seed)`` pairs: the index order is a permutation dra
 ``(seed, epoch)`` (train) or ``0..N-1`` (eval), and each sample's augmentation seed is drawn from
 ``(seed, epoch, index)``. Both are pure functions of the loader's state, so a loader rebuilt from
 ``state_dict()`` yields exactly the batches (ids and pixels) an uninterrupted run would have.
+
+Batches cross from the worker processes compact (uint8 image levels, labels and normal codes, see
+``ToTensor(compact=True)``, about a third of the float bytes) and :func:`finalize_batch` turns
+them into the float / int64 batch contract in the main process as they are handed out.
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,8 +25,13 @@ from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mtssm.data.constants import PAD_VALUES
+from mtssm.data.datasets import decode_normals
+from mtssm.data.transforms import Compose, ToTensor, normalize_image
 
-__all__ = ["SeededSampler", "collate", "make_dataloader"]
+__all__ = ["SeededSampler", "collate", "finalize_batch", "make_dataloader"]
+
+_LABEL_KEYS = ("semseg", "human_parts", "sal")
+_ENCODED_NORMAL_PAD = 128  # the code of an invalid (zero) normal, see mtssm.data.transforms
 
 
 class _SeededIterator(Iterator[tuple[int, int]]):
@@ -82,11 +93,18 @@ def _pad(t: torch.Tensor, h: int, w: int, value: float) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, dw, 0, dh), value=value)
 
 
+def _pad_value(key: str, t: torch.Tensor) -> float:
+    if key == "normals" and t.dtype == torch.uint8:
+        return _ENCODED_NORMAL_PAD
+    return PAD_VALUES[key]
+
+
 def collate(samples: Sequence[dict[str, Any] | None]) -> TensorDict:
-    """Stack samples (from :class:`mtssm.data.transforms.ToTensor`) into a TensorDict with batch
-    size [B]; ``None`` (skipped) samples are dropped. Samples of different sizes are padded at
-    the bottom/right to the largest (image 0, labels 255, depth and normals 0); ``meta`` is a
-    non-tensor stack of ``{"id", "size"}`` dicts whose ``size`` (H, W) says where to crop back."""
+    """Stack samples (from :class:`mtssm.data.transforms.ToTensor`, compact or not) into a
+    TensorDict with batch size [B]; ``None`` (skipped) samples are dropped. Samples of different
+    sizes are padded at the bottom/right to the largest (image 0, labels 255, depth and normals 0,
+    normal codes 128 which decode to 0; a compact uint8 image is padded with level 0); ``meta`` is
+    a non-tensor stack of ``{"id", "size"}`` dicts whose ``size`` (H, W) says where to crop back."""
     kept = [s for s in samples if s is not None]
     if not kept:
         return TensorDict({}, batch_size=[0])
@@ -97,7 +115,7 @@ def collate(samples: Sequence[dict[str, Any] | None]) -> TensorDict:
     for key in kept[0]:
         if key == "meta":
             continue
-        parts = [_pad(s[key], h, w, PAD_VALUES[key]) for s in kept]
+        parts = [_pad(s[key], h, w, _pad_value(key, s[key])) for s in kept]
         out = None
         if in_worker:  # write straight into shared memory, as default_collate does
             numel = sum(p.numel() for p in parts)
@@ -107,6 +125,84 @@ def collate(samples: Sequence[dict[str, Any] | None]) -> TensorDict:
     td = TensorDict(data, batch_size=[len(kept)])
     td["meta"] = NonTensorStack(*[NonTensorData(s["meta"]) for s in kept])
     return td
+
+
+def finalize_batch(batch: TensorDict, pin_memory: bool = False) -> TensorDict:
+    """A compact batch (from ``ToTensor(compact=True)`` samples) -> the batch contract: ``image``
+    uint8 (B, 3, H, W) -> float32 ImageNet-normalised; ``semseg``, ``human_parts``, ``sal`` ->
+    int64 (B, H, W); ``edge`` uint8 (B, 1, H, W) -> float32; ``normals`` uint8 (B, 3, H, W) codes
+    -> float32 unit vectors (0 where invalid). Keys already in their final dtype, and ``meta``,
+    are kept as they are. With ``pin_memory`` every tensor of the result is in pinned memory."""
+
+    def empty(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=dtype, pin_memory=pin_memory)
+
+    out = {}
+    for key, t in batch.items():
+        if key == "meta":
+            continue
+        if key == "image" and t.dtype == torch.uint8:
+            t = normalize_image(t, out=empty(t, torch.float32))
+        elif (key in _LABEL_KEYS and t.dtype != torch.int64) or (key == "edge" and t.dtype != torch.float32):
+            dst = empty(t, torch.int64 if key in _LABEL_KEYS else torch.float32)
+            np.copyto(dst.numpy(), t.numpy(), casting="unsafe")  # numpy: one thread, see normalize_image
+            t = dst
+        elif key == "normals" and t.dtype == torch.uint8:
+            codes, n = t.numpy(), empty(t, torch.float32)
+            for i, dst in enumerate(n.numpy()):
+                decode_normals(codes[i].transpose(1, 2, 0), channels_first=True, out=dst)
+            t = n
+        elif pin_memory and not t.is_pinned():
+            t = t.pin_memory()
+        out[key] = t
+    td = TensorDict(out, batch_size=batch.batch_size)
+    if "meta" in batch.keys():
+        td["meta"] = batch.get("meta")
+    return td
+
+
+class _FinalizingIterator(Iterator[TensorDict]):
+    """Wraps the loader's iterator: each compact batch goes through :func:`finalize_batch`."""
+
+    def __init__(self, it: Iterator[TensorDict], pin_memory: bool) -> None:
+        self._it, self._pin_memory = it, pin_memory
+
+    def __next__(self) -> TensorDict:
+        return finalize_batch(next(self._it), self._pin_memory)
+
+    def __len__(self) -> int:
+        return len(self._it)  # type: ignore[arg-type]
+
+
+class _Loader(StatefulDataLoader):
+    """:class:`StatefulDataLoader` whose batches go through :func:`finalize_batch` when
+    ``finalize_pin_memory`` is not None (the value says whether to pin them)."""
+
+    def __init__(self, *args: Any, finalize_pin_memory: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._finalize_pin_memory = finalize_pin_memory
+
+    def __iter__(self) -> Iterator[TensorDict]:
+        it = super().__iter__()
+        if self._finalize_pin_memory is None:
+            return it
+        return _FinalizingIterator(it, self._finalize_pin_memory)
+
+
+def _compact_view(dataset: Dataset) -> Dataset | None:
+    """A shallow copy of ``dataset`` whose final :class:`ToTensor` is compact, or None when its
+    transforms do not end with a non-compact ``ToTensor``."""
+    transforms = getattr(dataset, "transforms", None)
+    if isinstance(transforms, ToTensor):
+        transforms = Compose([transforms])
+    if not isinstance(transforms, Compose) or not transforms.transforms:
+        return None
+    last = transforms.transforms[-1]
+    if type(last) is not ToTensor or last.compact:  # a subclass may convert differently: keep it
+        return None
+    view = copy.copy(dataset)
+    view.transforms = Compose(transforms.transforms[:-1] + [ToTensor(compact=True)])
+    return view
 
 
 def _worker_init(worker_id: int) -> None:
@@ -144,20 +240,34 @@ def make_dataloader(
     ``num_workers``. An epoch counts as done once iterated to its end; a pass abandoned midway is
     replayed from its start by the next ``iter()``. Workers are persistent across epochs.
     ``pin_memory`` defaults to whether CUDA is available.
+
+    When ``dataset.transforms`` ends with :class:`~mtssm.data.transforms.ToTensor` (as with
+    :func:`mtssm.data.build_dataset`), the loader reads a shallow copy of ``dataset`` (its
+    ``dataset`` attribute) whose ``ToTensor`` is compact, and converts each batch with
+    :func:`finalize_batch` before handing it out: the workers ship a third of the bytes and
+    the batches are the same, except that eval batches mixing image sizes pad the image with
+    level 0 (normalised, as :class:`~mtssm.data.transforms.PadTo` and the train crop pad it)
+    rather than with 0.0.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    return StatefulDataLoader(
-        dataset,
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    compact = _compact_view(dataset)
+    if compact is not None and pin and not torch.cuda.is_available():
+        warnings.warn("pin_memory=True but CUDA is not available: batches are not pinned", stacklevel=2)
+        pin = False
+    return _Loader(
+        dataset if compact is None else compact,
+        finalize_pin_memory=None if compact is None else pin,
         worker_init_fn=_worker_init,
         batch_size=batch_size,
         sampler=SeededSampler(len(dataset), shuffle=train, seed=seed),
         num_workers=num_workers,
         collate_fn=collate,
         drop_last=train if drop_last is None else drop_last,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        pin_memory=pin and compact is None,  # finalize_batch pins what it writes
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=num_workers > 0,
     )

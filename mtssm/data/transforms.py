@@ -14,6 +14,7 @@ and :class:`ToTensor` decodes them.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "PhotometricDistortion",
     "PadTo",
     "ToTensor",
+    "normalize_image",
     "train_transforms",
     "eval_transforms",
 ]
@@ -69,11 +71,22 @@ def _nearest_index(n_out: int, n_in: int, n_scaled: int, offset: int = 0) -> np.
     return np.minimum(pos.astype(np.int64), n_in - 1)
 
 
+def _negate_normals_x(normals: np.ndarray) -> None:
+    """Negate the x component of ``normals`` (H, W, 3) in place: -x for float vectors, 255 - v
+    for uint8 codes."""
+    nx = normals[..., 0]
+    if nx.dtype == np.uint8:
+        np.subtract(255, nx, out=nx)
+    else:
+        nx *= -1.0
+
+
 def _resample(sample: Sample, scaled: tuple[int, int], box: tuple[int, int, int, int],
-              out_size: tuple[int, int]) -> Sample:  # fmt: skip
+              out_size: tuple[int, int], flip: bool = False) -> Sample:  # fmt: skip
     """Resize the sample to ``scaled`` (H, W), keep the window ``box`` = (y0, x0, h, w) of it
     (which lies inside the scaled image) and pad the result to ``out_size`` with the pad values.
-    Only the window is computed."""
+    Only the window is computed. ``flip`` then mirrors the result left-right (what
+    :class:`RandomHorizontalFlip` does, so the padding ends up on the left), in the same pass."""
     h_in, w_in = sample["image"].shape[:2]
     hs, ws = scaled
     y0, x0, vh, vw = box
@@ -83,18 +96,31 @@ def _resample(sample: Sample, scaled: tuple[int, int], box: tuple[int, int, int,
     img = Image.fromarray(np.ascontiguousarray(sample["image"])).resize(
         (vw, vh), Image.BILINEAR, box=(x0 * fx, y0 * fy, (x0 + vw) * fx, (y0 + vh) * fy)
     )
-    image = np.zeros((oh, ow, 3), np.uint8)
-    image[:vh, :vw] = np.asarray(img)
+    cols = slice(ow - vw, ow) if flip else slice(0, vw)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if (vh, vw) == (oh, ow):
+        image = np.asarray(img)  # no padding: the resized window is the output (read-only)
+    else:
+        image = np.zeros((oh, ow, 3), np.uint8)
+        image[:vh, cols] = np.asarray(img)
     out["image"] = image
     iy = _nearest_index(vh, h_in, hs, y0)
     ix = _nearest_index(vw, w_in, ws, x0)
+    if flip:
+        ix = ix[::-1]
     scale = hs / h_in
     for key in _dense_keys(sample):
         src = sample[key]
-        arr = np.full((oh, ow) + src.shape[2:], _pad_value(key, src), src.dtype)
-        arr[:vh, :vw] = src.take(iy, axis=0).take(ix, axis=1)
+        if (vh, vw) == (oh, ow):
+            arr = src.take(iy, axis=0).take(ix, axis=1)
+        else:
+            arr = np.full((oh, ow) + src.shape[2:], _pad_value(key, src), src.dtype)
+            arr[:vh, cols] = src.take(iy, axis=0).take(ix, axis=1)
         if key == "depth" and scale != 1.0:
             arr /= np.float32(scale)
+        if key == "normals" and flip:
+            _negate_normals_x(arr)
         out[key] = arr
     return out
 
@@ -145,13 +171,19 @@ class RandomCrop:
 
 
 class RandomScaleCrop:
-    """:class:`RandomScale` then :class:`RandomCrop` in one pass that resamples only the cropped
-    window: the same random draws give exactly the same labels, depth and normals, and the same
-    image up to rounding (the bilinear filter is evaluated at the same source positions)."""
+    """:class:`RandomScale` then :class:`RandomCrop`, then (with ``flip_p`` > 0)
+    ``RandomHorizontalFlip(flip_p)``, in one pass that resamples only the cropped window: the same
+    random draws give exactly the same labels, depth and normals as the separate transforms, and
+    the same image up to rounding (the bilinear filter is evaluated at the same source
+    positions)."""
 
-    def __init__(self, size: int | Sequence[int], scale_range: tuple[float, float] = (0.5, 2.0)) -> None:
+    def __init__(self, size: int | Sequence[int], scale_range: tuple[float, float] = (0.5, 2.0),
+                 flip_p: float = 0.0) -> None:  # fmt: skip
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"flip_p must be a probability in [0, 1], got {flip_p!r}")
         self.scale = RandomScale(scale_range)
         self.size = _pair(size, "size")
+        self.flip_p = flip_p
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         s = rng.uniform(*self.scale.scale_range)
@@ -160,7 +192,12 @@ class RandomScaleCrop:
         ch, cw = self.size
         y0 = int(rng.integers(0, max(hs - ch, 0) + 1))
         x0 = int(rng.integers(0, max(ws - cw, 0) + 1))
-        return _resample(sample, (hs, ws), (y0, x0, min(ch, hs - y0), min(cw, ws - x0)), self.size)
+        flip = self.flip_p > 0 and rng.random() < self.flip_p  # RandomHorizontalFlip's draw
+        box = (y0, x0, min(ch, hs - y0), min(cw, ws - x0))
+        return _resample(sample, (hs, ws), box, self.size, flip)
+
+    def __repr__(self) -> str:
+        return f"RandomScaleCrop(size={self.size}, scale_range={self.scale.scale_range}, flip_p={self.flip_p})"
 
 
 class RandomHorizontalFlip:
@@ -179,11 +216,7 @@ class RandomHorizontalFlip:
             out[key] = sample[key][:, ::-1]
         if "normals" in out:
             out["normals"] = out["normals"].copy()
-            nx = out["normals"][..., 0]
-            if nx.dtype == np.uint8:
-                np.subtract(255, nx, out=nx)
-            else:
-                nx *= -1.0
+            _negate_normals_x(out["normals"])
         return out
 
 
@@ -217,16 +250,20 @@ class PhotometricDistortion:
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         levels = np.arange(256, dtype=np.float32)
+        identity = True  # skip the lookup when neither brightness nor a first contrast applies
         if rng.random() < 0.5:
             levels = np.clip(levels + rng.uniform(-self.brightness, self.brightness), 0, 255)
+            identity = False
         contrast_first = rng.random() < 0.5
         alpha = rng.uniform(*self.contrast) if rng.random() < 0.5 else None
         if contrast_first and alpha is not None:
             levels = np.clip(levels * alpha, 0, 255)
+            identity = False
         sat = rng.uniform(*self.saturation) if rng.random() < 0.5 else 1.0
         hue = rng.uniform(-self.hue, self.hue) if rng.random() < 0.5 else 0.0
         img = Image.fromarray(np.ascontiguousarray(sample["image"]))
-        img = img.point(np.rint(levels).astype(np.uint8).tolist() * 3)
+        if not identity:
+            img = img.point(np.rint(levels).astype(np.uint8).tolist() * 3)
         if sat != 1.0 or hue != 0.0:
             img = img.convert("RGB", _saturation_hue_matrix(sat, 2.0 * hue))
         if not contrast_first and alpha is not None:
@@ -250,45 +287,87 @@ class PadTo:
         return _resample(sample, (h, w), (0, 0, h, w), (oh, ow))
 
 
-class ToTensor:
-    """numpy sample -> tensors: ``image`` float32 (3, H, W) ImageNet-normalised; ``semseg``,
-    ``human_parts``, ``sal`` int64 (H, W); ``depth``, ``edge`` float32 (1, H, W); ``normals``
-    float32 (3, H, W); ``meta`` unchanged."""
+_IMAGE_SCALE = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], np.float32).reshape(3, 1, 1)
+_IMAGE_SHIFT = np.array([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], np.float32).reshape(3, 1, 1)
 
-    # Per-channel lookup tables: uint8 level -> normalised float32.
-    _luts = [
-        ((np.arange(256, dtype=np.float32) / 255.0 - m) / s).astype(np.float32)
-        for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)
-    ]
+
+def normalize_image(image: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 RGB levels ``(..., 3, H, W)`` (CPU) -> float32 ``(..., 3, H, W)`` normalised with the
+    ImageNet mean and std, ``(v / 255 - mean) / std`` computed in float32 as ``v * a + b``; written
+    into ``out`` (a contiguous CPU float32 tensor of the same shape) when given.
+
+    Runs in numpy, on one thread: called once per batch in the loader's main process, where
+    torch's intra-op threads would only add overhead on a machine busy with the training step."""
+    if image.dtype != torch.uint8:
+        raise TypeError(f"image must be a uint8 tensor of levels, got {image.dtype}")
+    if image.dim() < 3 or image.shape[-3] != 3:
+        raise ValueError(f"image must have shape (..., 3, H, W), got {tuple(image.shape)}")
+    if out is None:
+        out = torch.empty(image.shape, dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.shape != image.shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(image.shape)}")
+    dst = out.numpy()
+    np.multiply(image.numpy(), _IMAGE_SCALE, out=dst, dtype=np.float32)
+    dst += _IMAGE_SHIFT
+    return out
+
+
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # e.g. np.asarray(PIL image); the tensor is only read (and copied)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr)
+    return torch.from_numpy(arr)
+
+
+class ToTensor:
+    """numpy sample -> tensors: ``image`` float32 (3, H, W) ImageNet-normalised (see
+    :func:`normalize_image`); ``semseg``, ``human_parts``, ``sal`` int64 (H, W); ``depth``, ``edge``
+    float32 (1, H, W); ``normals`` float32 (3, H, W); ``meta`` unchanged.
+
+    ``compact=True`` keeps the small dtypes for a cheap trip between processes (what
+    :func:`mtssm.data.make_dataloader` uses; :func:`mtssm.data.loader.finalize_batch` turns a batch
+    of them into the tensors above): ``image`` uint8 (3, H, W) levels; ``semseg``, ``human_parts``,
+    ``sal`` uint8 (H, W); ``edge`` uint8 (1, H, W); ``depth`` float32 (1, H, W); ``normals`` uint8
+    (3, H, W) codes if they travel encoded (see ``DenseDataset.encoded_normals``), else float32.
+    Compact tensors may be non-contiguous views."""
+
+    def __init__(self, compact: bool = False) -> None:
+        self.compact = compact
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         out: Sample = {}
-        img = sample["image"]
-        image = np.empty((3,) + img.shape[:2], np.float32)
-        for c in range(3):
-            np.take(self._luts[c], img[..., c], out=image[c])
-        out["image"] = torch.from_numpy(image)
+        image = _tensor(sample["image"]).permute(2, 0, 1)
+        out["image"] = image if self.compact else normalize_image(image)
         for key in ("semseg", "human_parts", "sal"):
             if key in sample:
-                out[key] = torch.from_numpy(np.ascontiguousarray(sample[key], np.int64))
-        for key in ("depth", "edge"):
-            if key in sample:
-                out[key] = torch.from_numpy(np.ascontiguousarray(sample[key], np.float32)[None])
+                t = _tensor(sample[key])
+                out[key] = t if self.compact else t.long()
+        if "depth" in sample:
+            out["depth"] = _tensor(sample["depth"].astype(np.float32, copy=False))[None]
+        if "edge" in sample:
+            t = _tensor(sample["edge"])[None]
+            out["edge"] = t if self.compact else t.float()
         if "normals" in sample:
             n = sample["normals"]
             if n.dtype == np.uint8:
-                n = decode_normals(n, channels_first=True)
+                out["normals"] = _tensor(n).permute(2, 0, 1) if self.compact else torch.from_numpy(
+                    decode_normals(n, channels_first=True))
             else:
-                n = np.ascontiguousarray(n.transpose(2, 0, 1), np.float32)
-            out["normals"] = torch.from_numpy(n)
+                out["normals"] = _tensor(n.transpose(2, 0, 1).astype(np.float32, copy=False))
         out["meta"] = sample["meta"]
         return out
 
+    def __repr__(self) -> str:
+        return f"ToTensor(compact={self.compact})"
+
 
 def train_transforms(crop_size: int | Sequence[int], scale_range: tuple[float, float] = (0.5, 2.0)) -> Compose:
-    """Random scale + crop to ``crop_size``, flip p=0.5, photometric distortion, to tensors."""
-    return Compose([RandomScaleCrop(crop_size, scale_range), RandomHorizontalFlip(0.5),
-                    PhotometricDistortion(), ToTensor()])  # fmt: skip
+    """Random scale + crop to ``crop_size`` and flip p=0.5 (fused in one :class:`RandomScaleCrop`
+    pass; the same draws as ``RandomScaleCrop`` then ``RandomHorizontalFlip(0.5)``), photometric
+    distortion, to tensors."""
+    return Compose([RandomScaleCrop(crop_size, scale_range, flip_p=0.5), PhotometricDistortion(), ToTensor()])
 
 
 def eval_transforms(pad_size: int | Sequence[int] | None = None) -> Compose:

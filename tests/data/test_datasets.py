@@ -18,7 +18,7 @@ from mtssm.data import (
     NYUDv2,
     PASCALContext,
 )
-from mtssm.data.datasets import label_edges
+from mtssm.data.datasets import decode_normals, label_edges
 from mtssm.data.render import random_scene, render_scene
 
 
@@ -206,12 +206,22 @@ def test_out_of_range_values_are_named(corruptible_nyud: Path, folder: str, valu
         NYUDv2(corruptible_nyud, "train")[0]
 
 
-def test_negative_depth_is_named(corruptible_nyud: Path) -> None:
+@pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf, -np.inf])
+def test_negative_or_non_finite_depth_is_named(corruptible_nyud: Path, bad: float) -> None:
     sid = _first_train_id(corruptible_nyud)
     path = corruptible_nyud / "depth" / f"{sid}.npy"
-    np.save(path, -np.ones((48, 64), np.float32))
-    with pytest.raises(DataFileError, match="negative"):
+    depth = np.full((48, 64), 2.0, np.float32)
+    depth[5, 7] = bad
+    np.save(path, depth)
+    with pytest.raises(DataFileError, match=f"{path}: .*negative or non-finite"):
         NYUDv2(corruptible_nyud, "train")[0]
+
+
+def test_float64_depth_is_read_as_float32(corruptible_nyud: Path) -> None:
+    sid = _first_train_id(corruptible_nyud)
+    np.save(corruptible_nyud / "depth" / f"{sid}.npy", np.full((48, 64), 1.5, np.float64))
+    depth = NYUDv2(corruptible_nyud, "train")[0]["depth"]
+    assert depth.dtype == np.float32 and (depth == 1.5).all()
 
 
 def test_skip_option_counts_and_warns(corruptible_nyud: Path) -> None:
@@ -237,3 +247,25 @@ def test_never_writes_into_the_dataset_folder(pascal_root: Path) -> None:
     for i in range(len(ds)):
         ds[i]
     assert sorted(p for p in pascal_root.rglob("*")) == before
+
+
+def test_decode_normals_matches_the_formula_and_layouts() -> None:
+    """n = 2 v / 255 - 1 renormalised, 0 where the raw norm is below 0.1; both layouts and ``out``
+    agree, and a mis-shaped ``out`` is refused."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (64, 80, 3)).astype(np.uint8)
+    codes[:4] = 128  # the invalid code
+    codes[4:6] = (127, 128, 129)  # tiny, invalid
+    codes[6, :3] = [(255, 128, 128), (0, 0, 0), (255, 255, 255)]
+    raw = codes.astype(np.float64) * 2 / 255 - 1
+    norm = np.linalg.norm(raw, axis=-1, keepdims=True)
+    expected = np.where(norm >= 0.1, raw / np.maximum(norm, 1e-12), 0.0)
+    got = decode_normals(codes)
+    assert got.dtype == np.float32 and got.shape == (64, 80, 3)
+    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
+    assert (got[:6] == 0).all()
+    out = np.full((3, 64, 80), np.nan, np.float32)
+    assert decode_normals(codes, channels_first=True, out=out) is out
+    np.testing.assert_array_equal(out, got.transpose(2, 0, 1))
+    with pytest.raises(ValueError, match="out must be"):
+        decode_normals(codes, channels_first=True, out=np.empty((3, 64, 81), np.float32))

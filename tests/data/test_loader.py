@@ -9,6 +9,8 @@ import torch
 from tensordict import TensorDict
 
 from mtssm.data import build_dataset, make_dataloader
+from mtssm.data.loader import collate, finalize_batch
+from mtssm.data.transforms import ToTensor
 
 CROP = (32, 40)
 
@@ -117,3 +119,58 @@ def test_workers_do_not_change_the_stream(nyud_root: Path) -> None:
     assert _ids(runs[0]) == _ids(runs[1])
     for x, y in zip(*runs):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["normals"], y["normals"])
+
+
+@pytest.mark.parametrize("name", ["nyud", "pascal"])
+@pytest.mark.parametrize("train", [True, False])
+def test_compact_batches_finalize_to_the_float_batches(
+    request: pytest.FixtureRequest, name: str, train: bool
+) -> None:
+    """Samples shipped compact (uint8) and finalised in the main process give exactly the batch of
+    the float samples, padding included (eval batches mix image sizes)."""
+    root = request.getfixturevalue(f"{name}_root")
+    ds = build_dataset(name, root, "train", train=train, crop_size=CROP if train else None)
+    assert isinstance(ds.transforms.transforms[-1], ToTensor)
+    keys = [(i, 100 + i) for i in range(4)]
+    floats = collate([ds[k] for k in keys])
+    ds.transforms.transforms[-1] = ToTensor(compact=True)
+    compact = collate([ds[k] for k in keys])
+    assert compact["image"].dtype == torch.uint8 and compact["normals"].dtype == torch.uint8
+    got = finalize_batch(compact)
+    assert set(got.keys()) == set(floats.keys())
+    for key in floats.keys():
+        if key == "meta":
+            assert got["meta"].tolist() == floats["meta"].tolist()
+            continue
+        assert got[key].dtype == floats[key].dtype, key
+        pad = (floats[key] == 0) if key in ("image", "normals") else None
+        if key == "image" and not train:  # the collate pads levels (0), not normalised values
+            same = got[key] == floats[key]
+            assert (same | pad).all()
+        else:
+            assert torch.equal(got[key], floats[key]), key
+
+
+def test_loader_batches_are_independent_of_later_batches(nyud_root: Path) -> None:
+    """Batches held by the caller are never overwritten by later batches."""
+    ds = build_dataset("nyud", nyud_root, "train", train=True, crop_size=CROP)
+    held = list(make_dataloader(ds, 2, train=True, num_workers=0, seed=4))
+    copies = [b["image"].clone() for b in held]
+    again = list(make_dataloader(ds, 2, train=True, num_workers=0, seed=4))
+    for x, y, c in zip(held, again, copies):
+        assert torch.equal(x["image"], c) and torch.equal(x["image"], y["image"])
+    assert len({b["image"].data_ptr() for b in held}) == len(held)
+
+
+def test_loader_reads_a_compact_copy_and_leaves_the_dataset_alone(nyud_root: Path) -> None:
+    ds = build_dataset("nyud", nyud_root, "train", train=True, crop_size=CROP)
+    loader = make_dataloader(ds, 2, train=True, num_workers=0)
+    assert loader.dataset is not ds and loader.dataset.transforms.transforms[-1].compact
+    assert not ds.transforms.transforms[-1].compact  # the caller's dataset still gives floats
+    assert ds[(0, 1)]["image"].dtype == torch.float32
+
+    class OwnToTensor(ToTensor):
+        pass
+
+    ds.transforms.transforms[-1] = OwnToTensor()
+    assert make_dataloader(ds, 2, train=True, num_workers=0).dataset is ds  # not replaced

@@ -19,6 +19,7 @@ from mtssm.data.transforms import (
     RandomScaleCrop,
     ToTensor,
     eval_transforms,
+    normalize_image,
     train_transforms,
 )
 
@@ -110,6 +111,36 @@ def test_fused_scale_crop_equals_scale_then_crop(seed: int) -> None:
         np.testing.assert_array_equal(fused[key], two_step[key], err_msg=key)
     assert np.abs(fused["image"].astype(int) - two_step["image"]).max() <= 1
     assert_consistent(fused, scale=1.0 if fused["depth"].max() == 0 else _scale_of(fused, sample))
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("encoded", [False, True])
+def test_fused_flip_equals_scale_crop_then_flip(seed: int, encoded: bool) -> None:
+    """``RandomScaleCrop(flip_p=p)`` makes RandomHorizontalFlip(p)'s draw after its own and gives
+    exactly its result, padding (moved to the left by the flip) included; crops larger than the
+    scaled image make every seed pad."""
+    sample = block_sample(40, 56, seed)
+    if encoded:  # normals as stored uint8 codes, flipped as 255 - v
+        sample["normals"] = np.rint((sample["normals"] + 1) * 127.5).astype(np.uint8)
+    crop = (32, 48) if seed % 2 else (72, 100)
+    fused = RandomScaleCrop(crop, flip_p=0.5)(sample, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    two_step = RandomHorizontalFlip(0.5)(RandomScaleCrop(crop)(sample, rng), rng)
+    for key in ("semseg", "human_parts", "sal", "edge", "depth", "normals"):
+        np.testing.assert_array_equal(fused[key], two_step[key], err_msg=key)
+    np.testing.assert_array_equal(fused["image"], two_step["image"])
+
+
+def test_fused_flip_draws_both_ways_over_the_seeds_above() -> None:
+    sample = block_sample(40, 56, 0)
+    flipped = set()
+    for seed in range(8):
+        plain = RandomScaleCrop((32, 48))(sample, np.random.default_rng(seed))
+        fused = RandomScaleCrop((32, 48), flip_p=0.5)(sample, np.random.default_rng(seed))
+        flipped.add(not np.array_equal(plain["semseg"], fused["semseg"]))
+        if not np.array_equal(plain["semseg"], fused["semseg"]):
+            np.testing.assert_array_equal(fused["semseg"], plain["semseg"][:, ::-1])
+    assert flipped == {False, True}
 
 
 def _scale_of(out: dict, sample: dict) -> float:
@@ -216,3 +247,28 @@ def test_eval_pipeline_is_the_raw_sample(nyud_root: Path) -> None:
     torch.testing.assert_close(ev["normals"], torch.from_numpy(raw["normals"]).permute(2, 0, 1))
     padded = eval_transforms((64, 64))(NYUDv2(nyud_root, "val").load(0), np.random.default_rng(0))
     assert padded["image"].shape == (3, 64, 64) and (padded["semseg"][48:] == 255).all()
+
+
+def test_compact_to_tensor_keeps_levels_and_codes(nyud_root: Path) -> None:
+    ds = NYUDv2(nyud_root, "train")
+    ds.encoded_normals = True
+    raw = ds.load(0)
+    compact = ToTensor(compact=True)(raw)
+    full = ToTensor()(raw)
+    assert compact["image"].dtype == torch.uint8 and compact["image"].shape == (3, 48, 64)
+    assert torch.equal(compact["image"], torch.from_numpy(raw["image"]).permute(2, 0, 1))
+    assert compact["semseg"].dtype == torch.uint8 and compact["edge"].shape == (1, 48, 64)
+    assert compact["normals"].dtype == torch.uint8 and compact["normals"].shape == (3, 48, 64)
+    assert torch.equal(normalize_image(compact["image"]), full["image"])
+    assert torch.equal(compact["semseg"].long(), full["semseg"]) and torch.equal(compact["depth"], full["depth"])
+
+
+def test_normalize_image_and_flip_p_reject_bad_input() -> None:
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_image(torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3, H, W\)"):
+        normalize_image(torch.zeros(4, 4, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="out must be"):
+        normalize_image(torch.zeros(3, 4, 4, dtype=torch.uint8), out=torch.empty(3, 4, 5))
+    with pytest.raises(ValueError, match="flip_p"):
+        RandomScaleCrop(8, flip_p=1.5)
