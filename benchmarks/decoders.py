@@ -50,10 +50,13 @@ def _scan_share(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def _deterministic(model: torch.nn.Module) -> torch.nn.Module:
-    """Drop-path and dropout off, so the eager and compiled steps compute the same function."""
+    """Drop-path, dropout and noisy expert gating off, so the eager and compiled steps compute the
+    same function."""
     for m in model.modules():
         if isinstance(m, (DropPath, torch.nn.Dropout)):
             m.p = 0.0
+        if getattr(m, "noisy_gating", False):
+            m.noisy_gating = False
     return model
 
 

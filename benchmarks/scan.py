@@ -11,7 +11,7 @@ Prints, for batch=2, dim=256, L=4096, N=16, fp32:
      glibc's default allocator, which maps every tensor above 32 MiB afresh from the OS (at
      L = 16384 each (b, d, L) tensor is 32 MiB, so the op's five outputs are page-faulted on every
      call), and once with freed memory kept for reuse (M_MMAP_THRESHOLD / M_TRIM_THRESHOLD raised
-     by mallopt, as jemalloc or tcmalloc would behave);
+     by :func:`mtssm.runtime.keep_freed_memory`, which ``mtssm recipe run`` calls);
   4. peak extra memory of forward+backward vs storing every state (batch*dim*L*N floats)
      (target <= 25 %), measured in a fresh subprocess per implementation;
   5. the 4-direction 2-D scan on a 56x72 map, dim=384, batch 2: fused vs four single scans with
@@ -31,6 +31,7 @@ import torch
 
 import mtssm  # noqa: F401  (registers the ops)
 from mtssm.nn.functional import selective_scan, selective_scan_2d
+from mtssm.runtime import keep_freed_memory
 
 
 def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
@@ -113,19 +114,6 @@ def section_fwd_bwd_vs_loop(batch, dim, L, N):
           f"mtssm {t_ours * 1e3:.1f}ms -> {t_loop / t_ours:.1f}x (target >= 20x)")
 
 
-def _keep_freed_memory() -> bool:
-    """Ask glibc to keep freed blocks for reuse instead of unmapping them (False if not glibc)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31))
-    except (OSError, AttributeError):
-        return False
-
-
 def section_linear_in_L(batch, dim, N, lengths):
     def growth(label):
         times = []
@@ -137,7 +125,7 @@ def section_linear_in_L(batch, dim, N, lengths):
         print(f"3. fwd+bwd growth ({label}): {parts}; per 4x of L: {ratios} (target <= 4.5x)")
 
     growth("default allocator")
-    if _keep_freed_memory():
+    if keep_freed_memory():
         growth("freed memory reused")
 
 

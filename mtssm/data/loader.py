@@ -27,6 +27,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from mtssm.data.constants import PAD_VALUES
 from mtssm.data.datasets import decode_normals
 from mtssm.data.transforms import Compose, ToTensor, normalize_image
+from mtssm.runtime import keep_freed_memory
 
 __all__ = ["SeededSampler", "collate", "finalize_batch", "make_dataloader"]
 
@@ -208,15 +209,7 @@ def _compact_view(dataset: Dataset) -> Dataset | None:
 def _worker_init(worker_id: int) -> None:
     """Let glibc reuse freed heap memory for the many same-sized per-sample arrays instead of
     mapping and faulting in fresh pages each time (several times faster on busy machines)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: keep the allocator's defaults
-        pass
+    keep_freed_memory(mmap_threshold=256 << 20, trim_threshold=512 << 20)
 
 
 def make_dataloader(

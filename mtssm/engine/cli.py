@@ -93,8 +93,10 @@ def recipe_run(name: str, data_root: Path | None, data: str | None, overrides: t
     from mtssm.engine.build import build_eval_set, resolve_data_root
     from mtssm.engine.distributed import barrier, cleanup, init_distributed
     from mtssm.engine.trainer import train
+    from mtssm.runtime import keep_freed_memory
 
     cfg = _load(name, overrides)
+    keep_freed_memory()  # the same large tensors every step: reuse them, do not page-fault them anew
     out = out or Path("runs") / cfg.name
     info = init_distributed(cfg.train.device)
     try:

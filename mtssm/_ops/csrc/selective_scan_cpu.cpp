@@ -211,10 +211,30 @@ void scan_forward(const ScanShape& s, const ScanArgs<T>& a, T* out, T* last_stat
     std::vector<T> h, dts, dus;
   };
   auto make_local = [&](int64_t) { return Local{std::vector<T>(cg * N), std::vector<T>(s.chunk), std::vector<T>(s.chunk)}; };
+  // out[l] = (y[l] + d_sum * u[l]) (* silu(z[l])) over [l0, l1) of row (b, c), once every direction
+  // has added its y: per chunk when K == 1 (while the chunk is in cache), per row when K > 1.
+  auto epilogue = [&](int64_t b, int64_t c, T d_sum, int64_t l0, int64_t l1) {
+    const int64_t x = (b * s.dim + c) * L;
+    const T* u = a.u + x;
+    T* y = out + x;
+    if (s.has_z) {
+      const T* z = a.z + x;
+      T* pre = pregate + x;
+#pragma omp simd
+      for (int64_t l = l0; l < l1; ++l) {
+        const T o = y[l] + d_sum * u[l];
+        pre[l] = o;
+        y[l] = o * z[l] * sigmoid(z[l]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t l = l0; l < l1; ++l) y[l] += d_sum * u[l];
+    }
+  };
   parallel_dynamic(s.batch * n_groups, make_local, [&](Local& w, int64_t item) {
     const int64_t b = item / n_groups, c0 = (item % n_groups) * cg, c1 = std::min(s.dim, c0 + cg);
     T d_sum[kMaxGroup] = {};
-    std::fill(out + (b * s.dim + c0) * L, out + (b * s.dim + c1) * L, T(0));
+    if (s.K > 1) std::fill(out + (b * s.dim + c0) * L, out + (b * s.dim + c1) * L, T(0));
     for (int64_t k = 0; k < s.K; ++k) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t srow = (b * s.K + k) * s.dim + c;
@@ -248,8 +268,13 @@ void scan_forward(const ScanShape& s, const ScanArgs<T>& a, T* out, T* last_stat
               h[n] = hn;
               acc += Cp[n] * hn;
             }
-            y[p] += acc;
+            if (s.K > 1) {
+              y[p] += acc;  // directions add up
+            } else {
+              y[p] = acc;
+            }
           }
+          if (s.K == 1) epilogue(b, c, d_sum[c - c0], t0, t0 + len);
         }
       }
       for (int64_t c = c0; c < c1; ++c) {
@@ -257,25 +282,8 @@ void scan_forward(const ScanShape& s, const ScanArgs<T>& a, T* out, T* last_stat
         std::copy(w.h.data() + (c - c0) * N, w.h.data() + (c - c0 + 1) * N, last_state + srow * N);
       }
     }
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t x = (b * s.dim + c) * L;
-      const T* u = a.u + x;
-      T* y = out + x;
-      const T ds = d_sum[c - c0];
-      if (s.has_z) {
-        const T* z = a.z + x;
-        T* pre = pregate + x;
-#pragma omp simd
-        for (int64_t l = 0; l < L; ++l) {
-          const T o = y[l] + ds * u[l];
-          pre[l] = o;
-          y[l] = o * z[l] * sigmoid(z[l]);
-        }
-      } else {
-#pragma omp simd
-        for (int64_t l = 0; l < L; ++l) y[l] += ds * u[l];
-      }
-    }
+    if (s.K > 1)
+      for (int64_t c = c0; c < c1; ++c) epilogue(b, c, d_sum[c - c0], 0, L);
   });
 }
 
@@ -312,44 +320,47 @@ void scan_backward(const ScanShape& s, const ScanArgs<T>& a, const T* dout, cons
                  std::vector<T>(cg * L), std::vector<T>(cg * N), std::vector<T>(cg * N),
                  std::vector<T>(cg * N), std::vector<T>(cg * N)};
   };
+  // Over [l0, l1) of row (b, c): dz, dy (the gradient reaching every direction's y, into the
+  // group's dy buffer), the D-skip part of du; returns the row's part of dD. Per chunk when K == 1
+  // (while the chunk is in cache), per row when K > 1 (the directions visit L in other orders).
+  auto dy_segment = [&](Local& w, int64_t b, int64_t c, int64_t c0, int64_t l0, int64_t l1) {
+    const int64_t x = (b * s.dim + c) * L;
+    const T* u = a.u + x;
+    const T* go = dout + x;
+    T* dy = w.dy.data() + (c - c0) * L;
+    T d_sum = T(0);
+    if (s.has_D)
+      for (int64_t k = 0; k < s.K; ++k) d_sum += a.D[k * s.dim + c];
+    if (s.has_z) {
+      const T* z = a.z + x;
+      const T* pre = pregate + x;
+      T* dz = dz_out + x;
+#pragma omp simd
+      for (int64_t l = l0; l < l1; ++l) {
+        const T sg = sigmoid(z[l]);
+        dz[l] = go[l] * pre[l] * sg * (T(1) + z[l] * (T(1) - sg));
+        dy[l] = go[l] * z[l] * sg;
+      }
+    } else {
+      std::copy(go + l0, go + l1, dy + l0);
+    }
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t l = l0; l < l1; ++l) {
+      acc += dy[l] * u[l];
+      du_out[x + l] = d_sum * dy[l];
+    }
+    return acc;
+  };
   parallel_dynamic(n_groups, make_local, [&](Local& w, int64_t item) {
     const int64_t c0 = item * cg, c1 = std::min(s.dim, c0 + cg);
     for (int64_t b = 0; b < s.batch; ++b) {
-      // d(out)/d(o), dz, the D-skip part of du; dy is the gradient reaching every direction's y.
       T dD_row[kMaxGroup] = {};
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t x = (b * s.dim + c) * L;
-        const T* u = a.u + x;
-        const T* go = dout + x;
-        T* dy = w.dy.data() + (c - c0) * L;
-        T d_sum = T(0);
-        if (s.has_D)
-          for (int64_t k = 0; k < s.K; ++k) d_sum += a.D[k * s.dim + c];
-        if (s.has_z) {
-          const T* z = a.z + x;
-          const T* pre = pregate + x;
-          T* dz = dz_out + x;
-#pragma omp simd
-          for (int64_t l = 0; l < L; ++l) {
-            const T sg = sigmoid(z[l]);
-            dz[l] = go[l] * pre[l] * sg * (T(1) + z[l] * (T(1) - sg));
-            dy[l] = go[l] * z[l] * sg;
-          }
-        } else {
-          std::copy(go, go + L, dy);
-        }
-        T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-        for (int64_t l = 0; l < L; ++l) {
-          acc += dy[l] * u[l];
-          du_out[x + l] = d_sum * dy[l];
-        }
-        dD_row[c - c0] = acc;
-      }
+      if (s.K > 1)
+        for (int64_t c = c0; c < c1; ++c) dD_row[c - c0] = dy_segment(w, b, c, c0, 0, L);
       for (int64_t k = 0; k < s.K; ++k) {
         T dbias_acc[kMaxGroup] = {};
         for (int64_t c = c0; c < c1; ++c) {
-          if (s.has_D) dD_out[k * s.dim + c] += dD_row[c - c0];
           const int64_t srow = (b * s.K + k) * s.dim + c, o = (c - c0) * N;
           if (dlast) {
             std::copy(dlast + srow * N, dlast + (srow + 1) * N, w.g.begin() + o);
@@ -375,6 +386,7 @@ void scan_backward(const ScanShape& s, const ScanArgs<T>& a, const T* dout, cons
             T* dA_acc = w.dA_acc.data() + o;
             T* hs = w.hs.data();
             T* as = w.as.data();
+            if (s.K == 1) dD_row[c - c0] += dy_segment(w, b, c, c0, t0, t0 + len);
             step_sizes(s.softplus, r, u, t0, len, w.dts.data(), w.dus.data(), w.dsoft.data());
             // Recompute states h_{t0-1} .. h_{t0+len-1} into hs[0 .. len] and exp(dt*A) into as.
             std::copy(chunk_states + (r.srow * s.n_chunks + j) * N,
@@ -434,6 +446,7 @@ void scan_backward(const ScanShape& s, const ScanArgs<T>& a, const T* dout, cons
           if (!s.variable_C)
             for (int64_t n = 0; n < N; ++n) dC_out[pc + n] += w.dC_const[o + n];
           if (s.has_bias) dbias_out[k * s.dim + c] += dbias_acc[c - c0];
+          if (s.has_D) dD_out[k * s.dim + c] += dD_row[c - c0];
         }
       }
     }
