@@ -5,8 +5,9 @@ Run from the repository root::
     python benchmarks/decoders.py                      # every *_tiny model, 448x576, batch 1
     python benchmarks/decoders.py --models mtmamba_tiny --size 448 576 --iters 3
 
-Prints, per model, the median eager and compiled step times, the compiled speed-up
-(eager / compiled, measured in the same run) and the one-off compile time. Compiling with Inductor
+Prints, per model, the median eager and compiled step times (the steps alternate between the
+two), the compiled speed-up (eager / compiled, measured in the same run) and the one-off compile
+time (the first compiled step). Compiling with Inductor
 takes minutes per model on a 2-core CPU.
 
 It also prints the share of the eager step spent in the ``mtssm::`` scan ops, profiled: Inductor
@@ -80,18 +81,20 @@ def _rel_error(model: torch.nn.Module, compiled: torch.nn.Module, x: torch.Tenso
     return max(float((out_c - out_e).norm() / out_e.norm()), float((grad_c - grad_e).norm() / grad_e.norm()))
 
 
-def _time(model: torch.nn.Module, x: torch.Tensor, iters: int, warmup: int) -> tuple[float, float]:
-    """(seconds of the first ``warmup`` steps, median seconds of the next ``iters`` steps)."""
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        _step(model, x)
-    first = time.perf_counter() - t0
-    times = []
+def _timed_step(model: torch.nn.Module, x: torch.Tensor) -> float:
+    t = time.perf_counter()
+    _step(model, x)
+    return time.perf_counter() - t
+
+
+def _time_pair(eager: torch.nn.Module, compiled: torch.nn.Module, x: torch.Tensor, iters: int) -> tuple[float, float]:
+    """Median seconds of ``iters`` eager and compiled steps, run alternately so that both see the
+    same machine (on a shared VM, slow phases last seconds and would bias two separate series)."""
+    t_eager, t_compiled = [], []
     for _ in range(iters):
-        t = time.perf_counter()
-        _step(model, x)
-        times.append(time.perf_counter() - t)
-    return first, statistics.median(times)
+        t_eager.append(_timed_step(eager, x))
+        t_compiled.append(_timed_step(compiled, x))
+    return statistics.median(t_eager), statistics.median(t_compiled)
 
 
 def main() -> None:
@@ -99,7 +102,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=None, help="model names (default: every *_tiny model)")
     parser.add_argument("--size", nargs=2, type=int, default=(448, 576), metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -115,11 +118,13 @@ def main() -> None:
         torch.manual_seed(0)
         model = _deterministic(create_model(name).train())
         n = sum(p.numel() for p in model.parameters())
-        _, eager = _time(model, x, args.iters, args.warmup)
+        for _ in range(args.warmup):
+            _step(model, x)
         share = _scan_share(model, x)
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend=args.backend)
-        build, comp = _time(compiled, x, args.iters, max(args.warmup, 1))
+        build = sum(_timed_step(compiled, x) for _ in range(max(args.warmup, 1)))
+        eager, comp = _time_pair(model, compiled, x, args.iters)
         print(f"{name:<22} {n / 1e6:>7.2f}M {eager:>9.3f} {comp:>11.3f} {eager / comp:>8.2f}x {build:>10.1f} "
               f"{100 * share:>10.0f}% {1 / share:>6.2f}x {_rel_error(model, compiled, x):>10.1e}", flush=True)
 
