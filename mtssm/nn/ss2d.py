@@ -183,12 +183,8 @@ class SS2D(nn.Module):
             )
 
     def _conv(self, u: Tensor) -> Tensor:
-        """Depthwise conv + SiLU: channels-last ``(B, H, W, D)`` -> channels-first ``(B, D, H, W)``.
-
-        Contiguous, so the scan (and its backward's gradient layout) sees one memory format in
-        eager mode and under Inductor alike.
-        """
-        return self.act(self.conv2d(u.permute(0, 3, 1, 2))).contiguous()
+        """Depthwise conv + SiLU: channels-last ``(B, H, W, D)`` -> channels-first ``(B, D, H, W)``."""
+        return self.act(self.conv2d(u.permute(0, 3, 1, 2)))
 
     def forward(self, x: Tensor) -> Tensor:
         """``x: (B, H, W, C_in)`` -> ``(B, H, W, C)`` if gated else ``(B, H, W, D)``."""
