@@ -29,10 +29,12 @@ from mtssm.nn import create_model, list_models
 from mtssm.nn.layers import DropPath
 
 
+def _loss(out) -> torch.Tensor:
+    return sum(v.float().square().mean() for v in out.values())
+
+
 def _step(model: torch.nn.Module, x: torch.Tensor) -> None:
-    out = model(x)
-    loss = sum(v.float().square().mean() for v in out.values())
-    loss.backward()
+    _loss(model(x)).backward()
     for p in model.parameters():
         p.grad = None
 
@@ -71,7 +73,7 @@ def _rel_error(model: torch.nn.Module, compiled: torch.nn.Module, x: torch.Tenso
 
     def run(fn):
         out = fn(x)
-        sum(v.float().square().mean() for v in out.values()).backward()
+        _loss(out).backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         for p in model.parameters():
             p.grad = None
@@ -110,6 +112,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.models or list_models("*_tiny")
+    unknown = sorted(set(names) - set(list_models()))
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(list_models())}")
     x = torch.randn(args.batch, 3, *args.size)
     print(f"input {tuple(x.shape)}, {torch.get_num_threads()} threads, backend {args.backend}, torch {torch.__version__}")
     print(f"{'model':<22} {'params':>8} {'eager s':>9} {'compiled s':>11} {'speed-up':>9} {'compile s':>10} "

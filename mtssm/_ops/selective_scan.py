@@ -35,7 +35,6 @@ time is linear in L and the workspace is ``1 / chunk_size`` of storing every sta
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

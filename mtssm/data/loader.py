@@ -135,6 +135,9 @@ def finalize_batch(batch: TensorDict, pin_memory: bool = False) -> TensorDict:
     -> float32 unit vectors (0 where invalid). Keys already in their final dtype, and ``meta``,
     are kept as they are. With ``pin_memory`` every tensor of the result is in pinned memory."""
 
+    if not isinstance(batch, TensorDict):
+        raise TypeError(f"finalize_batch expects a TensorDict batch (from collate), got {type(batch).__name__}")
+
     def empty(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(t.shape, dtype=dtype, pin_memory=pin_memory)
 

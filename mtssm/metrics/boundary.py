@@ -168,7 +168,9 @@ def boundary_counts(
         thresholds: (T,) increasing thresholds; a pixel is an edge at ``t`` when ``prob >= t``.
         max_dist: matching radius as a fraction of the image diagonal.
         apply_thinning: thin each binarised prediction first (SEISM does).
-        matcher: 'pyedgeeval' (C++ correspondPixels), 'scipy', or 'auto' (the first if installed).
+        matcher: 'pyedgeeval' (C++ correspondPixels, the benchmark's approximate assignment; it is
+            randomised, so counts may differ by a pixel from run to run), 'scipy' (exact minimum-cost
+            matching, deterministic), or 'auto' (the first if installed).
 
     Returns:
         (4, T) int64 array: rows are matched predicted pixels, predicted pixels, matched

@@ -125,7 +125,7 @@ def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
     H, W = size
     if (h, w) == (H, W):
         return x
-    if torch.compiler.is_compiling() and H % h == 0 and W % w == 0 and H >= h and W >= w:
+    if torch.compiler.is_compiling() and H % h == 0 and W % w == 0:
         return upsample_bilinear_phases(x, (H // h, W // w))
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 

@@ -12,7 +12,6 @@ row-major spatial order and the op visits them in each direction's order.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -174,3 +174,8 @@ def test_loader_reads_a_compact_copy_and_leaves_the_dataset_alone(nyud_root: Pat
 
     ds.transforms.transforms[-1] = OwnToTensor()
     assert make_dataloader(ds, 2, train=True, num_workers=0).dataset is ds  # not replaced
+
+
+def test_finalize_batch_rejects_a_plain_dict() -> None:
+    with pytest.raises(TypeError, match="TensorDict"):
+        finalize_batch({"image": torch.zeros(1, 3, 4, 4, dtype=torch.uint8)})

@@ -1,5 +1,6 @@
 """Boundary odsF (SEISM protocol): thinning, tolerance, dataset-level counts, both matchers."""
 
+import functools
 import importlib.util
 
 import numpy as np
@@ -14,6 +15,12 @@ MATCHERS = ["scipy", pytest.param("pyedgeeval", marks=pytest.mark.skipif(not HAS
 SIZE = 32  # diagonal 45.25 px: max_dist 0.0075 -> 0.34 px, 0.05 -> 2.26 px
 
 
+def expect(value: float, matcher: str):
+    """``value`` exactly for the exact matcher. pyEdgeEval's correspondPixels is randomised (as the
+    benchmark's): on these maps it may leave one of the 32 pixels of a line unmatched, run to run."""
+    return pytest.approx(value, abs=1e-6 if matcher == "scipy" else 100 / SIZE + 1e-6)
+
+
 def vertical_line(col: int, value: float = 1.0) -> torch.Tensor:
     x = torch.zeros(SIZE, SIZE)
     x[:, col] = value
@@ -23,10 +30,10 @@ def vertical_line(col: int, value: float = 1.0) -> torch.Tensor:
 @pytest.mark.parametrize("matcher", MATCHERS)
 def test_perfect_shifted_within_and_beyond_tolerance(matcher):
     gt = vertical_line(10)
-    assert boundary_odsf(gt, gt, max_dist=0.0075, matcher=matcher) == pytest.approx(100.0)
+    assert boundary_odsf(gt, gt, max_dist=0.0075, matcher=matcher) == expect(100.0, matcher)
     shifted = vertical_line(11)
     assert boundary_odsf(shifted, gt, max_dist=0.0075, matcher=matcher) == 0.0
-    assert boundary_odsf(shifted, gt, max_dist=0.05, matcher=matcher) == pytest.approx(100.0)
+    assert boundary_odsf(shifted, gt, max_dist=0.05, matcher=matcher) == expect(100.0, matcher)
     assert boundary_odsf(vertical_line(13), gt, max_dist=0.05, matcher=matcher) == 0.0
 
 
@@ -36,7 +43,7 @@ def test_one_to_one_and_thinning(matcher):
     thick = vertical_line(9) + vertical_line(10) + vertical_line(11)
     # without thinning each gt pixel matches one of three predicted pixels: P = 1/3, R = 1
     unthinned = boundary_odsf(thick, gt, max_dist=0.05, apply_thinning=False, matcher=matcher)
-    assert unthinned == pytest.approx(100 * 2 * (1 / 3) / (1 / 3 + 1))
+    assert unthinned == expect(100 * 2 * (1 / 3) / (1 / 3 + 1), matcher)
     thinned = thin(thick.numpy() > 0)
     assert thinned.sum(1).max() == 1 and thinned[:, 10].sum() == thinned.sum()
     assert boundary_odsf(thick, gt, max_dist=0.05, matcher=matcher) > 95.0
@@ -58,20 +65,22 @@ def test_counts_accumulate_over_the_dataset(matcher):
     gt = vertical_line(10)
     # image 2 predicts nothing: dataset P = 32/32, R = 32/64 -> F = 2/3 (the image mean would be 1/2)
     f = boundary_odsf([gt, torch.zeros_like(gt)], [gt, gt], max_dist=0.0075, matcher=matcher)
-    assert f == pytest.approx(100 * 2 / 3)
+    assert f == expect(100 * 2 / 3, matcher)
 
 
 def test_thresholds_and_ignore():
+    # The exact matcher: this checks thresholds and ignored pixels, not the matching.
+    odsf = functools.partial(boundary_odsf, matcher="scipy")
     gt = vertical_line(10)
     weak = vertical_line(10, 0.3)
-    assert boundary_odsf(weak, gt) == pytest.approx(100.0)  # thresholds <= 0.3 reproduce it
-    assert boundary_odsf(weak, gt, thresholds=[0.5, 0.7]) == 0.0
+    assert odsf(weak, gt) == pytest.approx(100.0)  # thresholds <= 0.3 reproduce it
+    assert odsf(weak, gt, thresholds=[0.5, 0.7]) == 0.0
     label = gt.clone()
     label[:, 20:] = 255
     noisy = gt + vertical_line(25)  # a spurious edge inside the ignored region
-    assert boundary_odsf(noisy, label) == pytest.approx(100.0)
-    assert boundary_odsf(noisy, gt) < 100.0
-    assert boundary_odsf(noisy[None, None], label[None, None]) == pytest.approx(100.0)
+    assert odsf(noisy, label) == pytest.approx(100.0)
+    assert odsf(noisy, gt) < 100.0
+    assert odsf(noisy[None, None], label[None, None]) == pytest.approx(100.0)
     np.testing.assert_allclose(edge_thresholds(3), [0.25, 0.5, 0.75])
     with pytest.raises(ValueError, match="thresholds"):
         edge_thresholds([0.5, 0.2])
