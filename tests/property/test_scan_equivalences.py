@@ -89,17 +89,23 @@ dims = st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 6), st.int
 
 
 @SETTINGS
-@given(dims=dims)
-def test_reversed_order_is_flip_scan_flip(scan_backend, dims):
+@given(dims=dims, chunk=st.integers(1, 40))
+def test_reversed_order_is_flip_scan_flip(scan_backend, dims, chunk):
     b, d, H, W, N, seed = dims
-    x, delta, A, B, C, D, bias = _map_inputs(b, d, H, W, N, 1, seed)
+    leaves = tuple(t.requires_grad_() for t in _map_inputs(b, d, H, W, N, 1, seed))
+    x, delta, A, B, C, D, bias = leaves
     L = H * W
     rev = torch.arange(L - 1, -1, -1).unsqueeze(0)
-    y = selective_scan_2d(x, delta, A, B, C, D, bias, order=rev)
+    y = selective_scan_2d(x, delta, A, B, C, D, bias, order=rev, chunk_size=chunk)
     seq = selective_scan(
-        x.flatten(2).flip(-1), delta[:, 0].flip(-1), A, B.flip(-1), C.flip(-1), D, None, bias, True
+        x.flatten(2).flip(-1), delta[:, 0].flip(-1), A, B.flip(-1), C.flip(-1), D, None, bias, True,
+        chunk_size=chunk,
     ).flip(-1)
     assert_close(y.flatten(2), seq, F64, "reverse")
+    w = torch.randn_like(seq)
+    for got, want, name in zip(torch.autograd.grad((y.flatten(2) * w).sum(), leaves),
+                               torch.autograd.grad((seq * w).sum(), leaves), "x delta A B C D bias".split()):
+        assert_close(got, want, F64, f"reverse grad {name}", grad=True)
 
 
 @SETTINGS
