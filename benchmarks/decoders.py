@@ -5,16 +5,18 @@ Run from the repository root::
     python benchmarks/decoders.py                      # every *_tiny model, 448x576, batch 1
     python benchmarks/decoders.py --models mtmamba_tiny --size 448 576 --iters 3
 
-Prints, per model, the median eager and compiled step times (the steps alternate between the
+Freed memory is kept for reuse, as ``mtssm recipe run`` does (:func:`mtssm.runtime.keep_freed_memory`;
+``--default-allocator`` to measure without: then the 448x576 outputs above 32 MiB are page-faulted
+in afresh on every step). Prints, per model, the median eager and compiled step times (the steps alternate between the
 two), the compiled speed-up (eager / compiled, measured in the same run) and the one-off compile
 time (the first compiled step). Compiling with Inductor
 takes minutes per model on a 2-core CPU.
 
-It also prints the share of the eager step spent in the ``mtssm::`` scan ops, profiled: Inductor
-runs those same kernels (and ATen's matmuls and convolutions), so ``1 / (scan share)`` bounds the
-speed-up that compiling can give even if it made everything else free. The last column checks the
-compiled model against eager (drop-path off): the relative L2 error of the outputs and of the
-parameter gradients, the larger of the two.
+It also prints, profiled, the share of the eager step spent in the ``mtssm::`` scan ops, and
+("shared") in those plus ATen's matrix products and convolutions: Inductor calls these same kernels
+as they are, so ``1 / shared`` ("bound") is the speed-up compiling would give if it made everything
+else free. The last column checks the compiled model against eager (drop-path off): the relative L2
+error of the outputs and of the parameter gradients, the larger of the two.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from mtssm.nn import create_model, list_models
 from mtssm.nn.layers import DropPath
+from mtssm.runtime import keep_freed_memory
 
 
 def _loss(out) -> torch.Tensor:
@@ -39,17 +42,25 @@ def _step(model: torch.nn.Module, x: torch.Tensor) -> None:
         p.grad = None
 
 
-def _scan_share(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """Fraction of one eager step's CPU time spent inside ``mtssm::`` ops (profiled)."""
+#: ATen kernels that eager mode and Inductor's CPU code both call as they are (matrix products and
+#: convolutions are extern kernels for Inductor, as are the ``mtssm::`` ops).
+_EXTERN_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::mkldnn_convolution",
+               "aten::convolution_backward", "aten::_mkldnn_convolution", "aten::mkldnn_linear")
+
+
+def _shares(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """Fractions of one eager step's CPU time spent in the ``mtssm::`` scan ops, and in those plus
+    the matrix products and convolutions (profiled)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         _step(model, x)
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
+    total = max(sum(e.self_cpu_time_total for e in events), 1e-9)
     # The forward op's own time is listed under its autograd node in eager mode.
     scan = sum(e.self_cpu_time_total for e in events if "mtssm" in e.key and "scan" in e.key)
-    return scan / max(total, 1e-9)
+    extern = sum(e.self_cpu_time_total for e in events if e.key in _EXTERN_OPS)
+    return scan / total, (scan + extern) / total
 
 
 def _deterministic(model: torch.nn.Module) -> torch.nn.Module:
@@ -108,30 +119,35 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="keep glibc's default allocator (training keeps freed memory for reuse)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = "glibc default" if args.default_allocator or not keep_freed_memory() else "freed memory reused"
     names = args.models or list_models("*_tiny")
     unknown = sorted(set(names) - set(list_models()))
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(list_models())}")
     x = torch.randn(args.batch, 3, *args.size)
-    print(f"input {tuple(x.shape)}, {torch.get_num_threads()} threads, backend {args.backend}, torch {torch.__version__}")
+    print(f"input {tuple(x.shape)}, {torch.get_num_threads()} threads, backend {args.backend}, "
+          f"torch {torch.__version__}, allocator: {allocator}")
     print(f"{'model':<22} {'params':>8} {'eager s':>9} {'compiled s':>11} {'speed-up':>9} {'compile s':>10} "
-          f"{'scan share':>11} {'bound':>7} {'rel error':>10}")
+          f"{'scan share':>11} {'shared':>7} {'bound':>7} {'rel error':>10}")
     for name in names:
         torch.manual_seed(0)
         model = _deterministic(create_model(name).train())
         n = sum(p.numel() for p in model.parameters())
         for _ in range(args.warmup):
             _step(model, x)
-        share = _scan_share(model, x)
+        scan_share, shared = _shares(model, x)
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend=args.backend)
         build = sum(_timed_step(compiled, x) for _ in range(max(args.warmup, 1)))
         eager, comp = _time_pair(model, compiled, x, args.iters)
         print(f"{name:<22} {n / 1e6:>7.2f}M {eager:>9.3f} {comp:>11.3f} {eager / comp:>8.2f}x {build:>10.1f} "
-              f"{100 * share:>10.0f}% {1 / share:>6.2f}x {_rel_error(model, compiled, x):>10.1e}", flush=True)
+              f"{100 * scan_share:>10.0f}% {100 * shared:>6.0f}% {1 / shared:>6.2f}x "
+              f"{_rel_error(model, compiled, x):>10.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtssm.nn.layers import FinalPatchExpand4x
@@ -22,10 +21,11 @@ class ExpandHead(nn.Module):
 
     ``(B, C, h, w) -> (B, C_t, 4h, 4w)``.
 
-    Computed in the cheaper, equal order: expand, LayerNorm and the 1x1 projection per pixel of the
-    ``(h, w)`` grid on its ``4x4`` sub-pixels, then a single shuffle of the ``C_t`` output channels
-    into the ``(4h, 4w)`` map (the norm and the projection are per pixel, so they commute with the
-    shuffle; the parameters are those of ``FinalPatchExpand4x`` + ``Conv2d``).
+    Computed in the cheaper, equal order: expand and LayerNorm per pixel of the ``(h, w)`` grid,
+    one shuffle of the ``C`` normalised channels into the ``(4h, 4w)`` map (channels-last), then the
+    1x1 projection as one matrix product that writes the ``C_t`` channels-first output directly, so
+    no ``C_t``-channel tensor is ever transposed (forward or backward). The norm is per pixel, so it
+    commutes with the shuffle; the parameters are those of ``FinalPatchExpand4x`` + ``Conv2d``.
     """
 
     def __init__(
@@ -43,8 +43,10 @@ class ExpandHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         y = self.expand.expand(x.permute(0, 2, 3, 1)).unflatten(-1, (4, 4, c))  # (B, h, w, 4, 4, C)
-        y = F.linear(self.expand.norm(y), self.proj.weight.flatten(1), self.proj.bias)  # (B, h, w, 4, 4, C_t)
-        return y.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, 4 * h, 4 * w)
+        y = self.expand.norm(y).permute(0, 1, 3, 2, 4, 5).reshape(b, 16 * h * w, c)  # (B, 4h*4w, C)
+        weight = self.proj.weight.flatten(1).expand(b, -1, -1)
+        out = torch.baddbmm(self.proj.bias[:, None], weight, y.transpose(1, 2))  # (B, C_t, 4h*4w)
+        return out.view(b, -1, 4 * h, 4 * w)
 
 
 class LinearHead(nn.Module):

@@ -128,15 +128,21 @@ def test_heads():
 
 
 def test_expand_head_equals_expand_then_projection():
-    """The head runs norm and projection before the shuffle; they are per pixel, so it must equal
-    FinalPatchExpand4x followed by the 1x1 conv."""
+    """The head normalises before the shuffle and projects as one matrix product; it must equal
+    FinalPatchExpand4x followed by the 1x1 conv, in values and gradients, and be channels-first."""
     torch.manual_seed(0)
     head = ExpandHead(8, 5).double()
     torch.nn.init.normal_(head.expand.norm.weight)
     torch.nn.init.normal_(head.expand.norm.bias)
-    x = torch.randn(2, 8, 3, 4, dtype=torch.float64)
+    x = torch.randn(2, 8, 3, 4, dtype=torch.float64, requires_grad=True)
+    out = head(x)
     ref = head.proj(head.expand(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
-    torch.testing.assert_close(head(x), ref)
+    torch.testing.assert_close(out, ref)
+    assert out.is_contiguous()
+    w = torch.randn_like(ref)
+    params = [x, *head.parameters()]
+    for got, want in zip(torch.autograd.grad((out * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("scale", [(2, 2), (4, 4), (3, 5), (1, 4)])

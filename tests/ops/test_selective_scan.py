@@ -55,10 +55,11 @@ def compare_with_reference(case: ScanCase, chunk_size: int) -> None:
         {"has_init": True},
         {"groups": 1, "L": 1},
         {"groups": 3, "dim": 9, "L": 64},
-        # The C++ kernel has two layouts: channels as vector lanes for variable B, C and N <= 8
+        # The C++ kernel has two layouts: channels as vector lanes for variable B, C and N <= 16
         # (lane groups of 8 inside each B/C group, the last one partial) and state-size vectors.
         {"groups": 1, "dim": 19, "L": 40},
         {"groups": 2, "dim": 22, "N": 16},
+        {"groups": 2, "dim": 12, "N": 17},
     ],
     ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "default",
 )
