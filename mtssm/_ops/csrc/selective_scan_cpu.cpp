@@ -172,6 +172,23 @@ inline int64_t group_size(int64_t dim) {
   return std::clamp<int64_t>(dim / (4 * at::get_num_threads()), 1, kMaxGroup);
 }
 
+// Given dt = delta + bias and du = u over n entries: dsoft = sigmoid(dt) (the softplus derivative,
+// if wanted), dt = softplus(dt), u_raw = u (if wanted), du = dt * u.
+template <typename T>
+inline void finish_step_sizes(bool use_softplus, int64_t n, T* dt, T* du, T* dsoft, T* u_raw) {
+  if (use_softplus) {
+    if (dsoft) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) dsoft[i] = sigmoid(dt[i]);
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dt[i] = softplus(dt[i]);
+  }
+  if (u_raw) std::copy(du, du + n, u_raw);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) du[i] *= dt[i];
+}
+
 // Step sizes of steps [t0, t0 + len) of one row: dt = softplus?(delta[p] + bias), du = dt * u[p],
 // and (for the backward) the softplus derivative sigmoid(delta[p] + bias).
 template <typename T>
@@ -190,16 +207,7 @@ inline void step_sizes(bool use_softplus, const Row<T>& r, const T* u, int64_t t
       du[i] = u[t0 + i];
     }
   }
-  if (use_softplus) {
-    if (dsoft) {
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) dsoft[i] = sigmoid(dt[i]);
-    }
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) dt[i] = softplus(dt[i]);
-  }
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) du[i] *= dt[i];
+  finish_step_sizes(use_softplus, len, dt, du, dsoft, static_cast<T*>(nullptr));
 }
 
 // K == 1 in spatial order: each output position gets its y from one step, so the epilogue (forward)
@@ -372,18 +380,7 @@ inline void lane_step_sizes(bool use_softplus, const T* delta, const T* u, const
       du[i * kLanes + l] = up[l];
     }
   }
-  const int64_t n = len * kLanes;
-  if (use_softplus) {
-    if (dsoft) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) dsoft[i] = sigmoid(dt[i]);
-    }
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dt[i] = softplus(dt[i]);
-  }
-  if (u_raw) std::copy(du, du + n, u_raw);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) du[i] *= dt[i];
+  finish_step_sizes(use_softplus, len * kLanes, dt, du, dsoft, u_raw);
 }
 
 // Per-direction constants of a lane group, lane vectors: A (N of them), delta bias, and the state
@@ -432,7 +429,8 @@ void scan_forward_lanes(const ScanShape& s, const ScanArgs<T>& a, T* out, T* las
       interleave(a.delta + srow0 * L, L, nl, L, w.delta.data());
       lane_constants(s, a, s.has_init ? a.init : nullptr, srow0, k, c0, nl, N, w.A.data(),
                      w.bias.data(), h);
-      for (int64_t l = 0; l < nl && s.has_D; ++l) d_sum[l] += a.D[k * s.dim + c0 + l];
+      if (s.has_D)
+        for (int64_t l = 0; l < nl; ++l) d_sum[l] += a.D[k * s.dim + c0 + l];
       for (int64_t j = 0; j < s.n_chunks; ++j) {
         const int64_t t0 = j * s.chunk, len = std::min(L, t0 + s.chunk) - t0;
         for (int64_t l = 0; l < nl; ++l)
