@@ -152,15 +152,18 @@ def evaluate(ckpt: Path, data_root: Path | None, data: str | None, out: Path | N
     from mtssm.engine.evaluate import evaluate as run_eval
     from mtssm.engine.evaluate import format_table, write_result
     from mtssm.engine.predict import load_model_from_checkpoint
+    from mtssm.runtime import keep_freed_memory
 
     import torch
 
+    keep_freed_memory()  # as in training: every batch reuses the same large buffers
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg, step = load_model_from_checkpoint(ckpt, device=device)
     root = resolve_data_root(cfg, data_root, data, echo=click.echo)
     result = run_eval(
         model, build_eval_set(cfg, root), tasks=list(model.tasks), dataset_name=cfg.data.dataset,
-        batch_size=cfg.data.eval_batch_size, device=device, precision=cfg.train.precision, max_batches=cfg.eval.max_batches if max_batches is None else max_batches,
+        batch_size=cfg.data.eval_batch_size, device=device, precision=cfg.train.precision,
+        max_batches=cfg.eval.max_batches if max_batches is None else max_batches,
         baselines=cfg.eval.baselines, edge_thresholds=cfg.eval.edge_thresholds,
     )
     click.echo(f"{cfg.name} at step {step}:")
