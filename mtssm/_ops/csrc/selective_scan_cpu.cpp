@@ -140,6 +140,28 @@ struct Row {
         srow((b * s.K + k) * s.dim + c) {}
 };
 
+// Scratch memory that each thread keeps between calls, grown to the largest request (Slot tells
+// apart buffers a thread uses at the same time). Large buffers allocated per call would be mapped
+// and page-faulted in afresh on every call (glibc maps blocks above its mmap threshold directly).
+// Contents are undefined on return.
+template <typename T, int Slot>
+T* thread_scratch(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer = std::vector<T>(n);
+  return buffer.data();
+}
+
+// Hands out consecutive pieces of one scratch block.
+template <typename T>
+struct Carve {
+  T* next;
+  T* take(int64_t n) {
+    T* piece = next;
+    next += n;
+    return piece;
+  }
+};
+
 // Work distribution: every thread of ATen's pool pulls items of [0, n) from a shared counter, so a
 // thread that is descheduled (another process on a small machine) does not hold the others back,
 // as an even static split would. body(worker, item) runs once per item; workers are numbered
@@ -406,29 +428,29 @@ void scan_forward_lanes(const ScanShape& s, const ScanArgs<T>& a, T* out, T* las
   const int64_t N = NS > 0 ? NS : s.N, L = s.L, V = kLanes;
   const LaneGroups lg(s);
   struct Local {
-    std::vector<T> h, A, bias, dts, dus, u, delta, y;
+    T *h, *A, *bias, *dts, *dus, *u, *delta, *y;
   };
   auto make_local = [&](int64_t) {
-    const auto cv = [](int64_t n) { return std::vector<T>(n); };
-    return Local{cv(N * V), cv(N * V), cv(V), cv(s.chunk * V), cv(s.chunk * V),
-                 cv(L * V), cv(L * V), cv(L * V)};
+    Carve<T> m{thread_scratch<T, 0>((2 * N + 1 + 2 * s.chunk + 3 * L) * V)};
+    return Local{m.take(N * V), m.take(N * V), m.take(V), m.take(s.chunk * V),
+                 m.take(s.chunk * V), m.take(L * V), m.take(L * V), m.take(L * V)};
   };
   parallel_dynamic(s.batch * lg.count, make_local, [&](Local& w, int64_t item) {
     const int64_t b = item / lg.count;
     const auto [c0, nl] = lg.range(item % lg.count);
     const int64_t grp = c0 / lg.per_bc;
-    T* h = w.h.data();
-    T* y = w.y.data();
+    T* h = w.h;
+    T* y = w.y;
     T d_sum[kLanes] = {};
-    interleave(a.u + (b * s.dim + c0) * L, L, nl, L, w.u.data());
+    interleave(a.u + (b * s.dim + c0) * L, L, nl, L, w.u);
     std::fill(y, y + L * V, T(0));
     for (int64_t k = 0; k < s.K; ++k) {
       const int64_t bc = ((b * s.K + k) * s.G + grp) * L * N;
       const int64_t srow0 = (b * s.K + k) * s.dim + c0;
       const int64_t* perm = s.has_perm ? a.perm + k * L : nullptr;
-      interleave(a.delta + srow0 * L, L, nl, L, w.delta.data());
-      lane_constants(s, a, s.has_init ? a.init : nullptr, srow0, k, c0, nl, N, w.A.data(),
-                     w.bias.data(), h);
+      interleave(a.delta + srow0 * L, L, nl, L, w.delta);
+      lane_constants(s, a, s.has_init ? a.init : nullptr, srow0, k, c0, nl, N, w.A,
+                     w.bias, h);
       if (s.has_D)
         for (int64_t l = 0; l < nl; ++l) d_sum[l] += a.D[k * s.dim + c0 + l];
       for (int64_t j = 0; j < s.n_chunks; ++j) {
@@ -436,19 +458,19 @@ void scan_forward_lanes(const ScanShape& s, const ScanArgs<T>& a, T* out, T* las
         for (int64_t l = 0; l < nl; ++l)
           for (int64_t n = 0; n < N; ++n)
             chunk_states[((srow0 + l) * s.n_chunks + j) * N + n] = h[n * V + l];
-        lane_step_sizes(s.softplus, w.delta.data(), w.u.data(), w.bias.data(), perm, t0, len,
-                        w.dts.data(), w.dus.data(), static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+        lane_step_sizes(s.softplus, w.delta, w.u, w.bias, perm, t0, len,
+                        w.dts, w.dus, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
         for (int64_t i = 0; i < len; ++i) {
           const int64_t p = perm ? perm[t0 + i] : t0 + i;
           const T* Bp = a.B + bc + p * N;
           const T* Cp = a.C + bc + p * N;
-          const T* dt = w.dts.data() + i * V;
-          const T* du = w.dus.data() + i * V;
+          const T* dt = w.dts + i * V;
+          const T* du = w.dus + i * V;
           T* yp = y + p * V;
           for (int64_t n = 0; n < N; ++n) {
             const T bn = Bp[n], cn = Cp[n];
             T* hn = h + n * V;
-            const T* An = w.A.data() + n * V;
+            const T* An = w.A + n * V;
 #pragma omp simd
             for (int64_t l = 0; l < V; ++l) {
               const T v = fast_exp(dt[l] * An[l]) * hn[l] + du[l] * bn;
@@ -466,10 +488,9 @@ void scan_forward_lanes(const ScanShape& s, const ScanArgs<T>& a, T* out, T* las
   });
 }
 
-// dst[i] = sum over the n_workers partial buffers of part (each dst-sized).
+// dst[i] = sum over the n_workers partial buffers of part (each numel long).
 template <typename T>
-void reduce_partials(const std::vector<T>& part, int64_t n_workers, T* dst) {
-  const int64_t numel = static_cast<int64_t>(part.size()) / n_workers;
+void reduce_partials(const T* part, int64_t n_workers, int64_t numel, T* dst) {
   at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T acc = T(0);
@@ -527,8 +548,9 @@ void scan_backward(const ScanShape& s, const ScanArgs<T>& a, const T* dout, cons
   // dB / dC partials: variable -> (batch, K, G, L, N) per worker; constant -> owned by channel.
   const int64_t n_workers = workers(n_groups);
   const int64_t dBC_numel = s.batch * s.K * s.G * L * N;
-  std::vector<T> dB_part(s.variable_B ? n_workers * dBC_numel : 0, T(0));
-  std::vector<T> dC_part(s.variable_C ? n_workers * dBC_numel : 0, T(0));
+  T* dB_part = thread_scratch<T, 1>(2 * n_workers * dBC_numel);
+  T* dC_part = dB_part + n_workers * dBC_numel;
+  std::fill(dB_part, dB_part + 2 * n_workers * dBC_numel, T(0));
 
   struct Local {
     T* dB_mine;
@@ -538,8 +560,8 @@ void scan_backward(const ScanShape& s, const ScanArgs<T>& a, const T* dout, cons
     std::vector<T> hs, as, dts, dus, dsoft, dy, g, dA_acc, dB_const, dC_const;
   };
   auto make_local = [&](int64_t w) {
-    return Local{s.variable_B ? dB_part.data() + w * dBC_numel : nullptr,
-                 s.variable_C ? dC_part.data() + w * dBC_numel : nullptr,
+    return Local{s.variable_B ? dB_part + w * dBC_numel : nullptr,
+                 s.variable_C ? dC_part + w * dBC_numel : nullptr,
                  std::vector<T>((s.chunk + 1) * N), std::vector<T>(s.chunk * N),
                  std::vector<T>(s.chunk), std::vector<T>(s.chunk), std::vector<T>(s.chunk),
                  std::vector<T>(cg * L), std::vector<T>(cg * N), std::vector<T>(cg * N),
@@ -644,8 +666,8 @@ void scan_backward(const ScanShape& s, const ScanArgs<T>& a, const T* dout, cons
       }
     }
   });
-  if (s.variable_B) reduce_partials(dB_part, n_workers, dB_out);
-  if (s.variable_C) reduce_partials(dC_part, n_workers, dC_out);
+  if (s.variable_B) reduce_partials(dB_part, n_workers, dBC_numel, dB_out);
+  if (s.variable_C) reduce_partials(dC_part, n_workers, dBC_numel, dC_out);
 }
 
 // The adjoint of scan_forward_lanes (variable B and C). One item is a lane group (all batches, so
@@ -662,61 +684,64 @@ void scan_backward_lanes(const ScanShape& s, const ScanArgs<T>& a, const T* dout
   const LaneGroups lg(s);
   const int64_t n_workers = workers(lg.count);
   const int64_t dBC_numel = s.batch * s.K * s.G * L * N;
-  std::vector<T> dB_part(n_workers * dBC_numel, T(0)), dC_part(n_workers * dBC_numel, T(0));
+  T* dB_part = thread_scratch<T, 1>(2 * n_workers * dBC_numel);
+  T* dC_part = dB_part + n_workers * dBC_numel;
+  std::fill(dB_part, dB_part + 2 * n_workers * dBC_numel, T(0));
   struct Local {
     T* dB_mine;
     T* dC_mine;
     // Per chunk: states and transitions, step sizes (lane-interleaved). Lane vectors of A, the
     // delta bias, the carried dL/dh and dA. Interleaved rows: u, dy, delta, du, ddelta. dy rows.
-    std::vector<T> hs, as, dts, dus, dsoft, ub, A, bias, g, dA_acc, u, dy, delta, du, ddelta, dy_rows;
+    T *hs, *as, *dts, *dus, *dsoft, *ub, *A, *bias, *g, *dA_acc, *u, *dy, *delta, *du, *ddelta, *dy_rows;
   };
   auto make_local = [&](int64_t w) {
-    const auto cv = [](int64_t n) { return std::vector<T>(n, T(0)); };
     const int64_t c = s.chunk * V;
-    return Local{dB_part.data() + w * dBC_numel, dC_part.data() + w * dBC_numel,
-                 cv((s.chunk + 1) * N * V), cv(s.chunk * N * V), cv(c), cv(c), cv(c), cv(c),
-                 cv(N * V), cv(V), cv(N * V), cv(N * V),
-                 cv(L * V), cv(L * V), cv(L * V), cv(L * V), cv(L * V), cv(L * V)};
+    Carve<T> m{thread_scratch<T, 0>((2 * s.chunk + 1) * N * V + 4 * c + (3 * N + 1) * V + 6 * L * V)};
+    return Local{dB_part + w * dBC_numel, dC_part + w * dBC_numel,
+                 m.take((s.chunk + 1) * N * V), m.take(s.chunk * N * V), m.take(c), m.take(c),
+                 m.take(c), m.take(c), m.take(N * V), m.take(V), m.take(N * V), m.take(N * V),
+                 m.take(L * V), m.take(L * V), m.take(L * V), m.take(L * V), m.take(L * V),
+                 m.take(L * V)};
   };
   parallel_dynamic(lg.count, make_local, [&](Local& w, int64_t item) {
     const auto [c0, nl] = lg.range(item);
     const int64_t grp = c0 / lg.per_bc;
-    T* g = w.g.data();
-    T* dA_acc = w.dA_acc.data();
+    T* g = w.g;
+    T* dA_acc = w.dA_acc;
     for (int64_t b = 0; b < s.batch; ++b) {
       T dD_row[kLanes] = {};
       for (int64_t l = 0; l < nl; ++l)
-        dD_row[l] = dy_segment(s, a, dout, pregate, du_out, dz_out, w.dy_rows.data() + l * L, b, c0 + l, 0, L);
-      interleave(w.dy_rows.data(), L, nl, L, w.dy.data());
-      interleave(a.u + (b * s.dim + c0) * L, L, nl, L, w.u.data());
-      std::fill(w.du.begin(), w.du.end(), T(0));
+        dD_row[l] = dy_segment(s, a, dout, pregate, du_out, dz_out, w.dy_rows + l * L, b, c0 + l, 0, L);
+      interleave(w.dy_rows, L, nl, L, w.dy);
+      interleave(a.u + (b * s.dim + c0) * L, L, nl, L, w.u);
+      std::fill(w.du, w.du + L * V, T(0));
       for (int64_t k = 0; k < s.K; ++k) {
         const int64_t bc = ((b * s.K + k) * s.G + grp) * L * N;
         const int64_t srow0 = (b * s.K + k) * s.dim + c0;
         const int64_t* perm = s.has_perm ? a.perm + k * L : nullptr;
-        interleave(a.delta + srow0 * L, L, nl, L, w.delta.data());
-        lane_constants(s, a, dlast, srow0, k, c0, nl, N, w.A.data(), w.bias.data(), g);
+        interleave(a.delta + srow0 * L, L, nl, L, w.delta);
+        lane_constants(s, a, dlast, srow0, k, c0, nl, N, w.A, w.bias, g);
         std::fill(dA_acc, dA_acc + N * V, T(0));
         T dbias[kLanes] = {};
         for (int64_t j = s.n_chunks - 1; j >= 0; --j) {
           const int64_t t0 = j * s.chunk, len = std::min(L, t0 + s.chunk) - t0;
-          lane_step_sizes(s.softplus, w.delta.data(), w.u.data(), w.bias.data(), perm, t0, len,
-                          w.dts.data(), w.dus.data(), w.dsoft.data(), w.ub.data());
-          T* hs = w.hs.data();
+          lane_step_sizes(s.softplus, w.delta, w.u, w.bias, perm, t0, len,
+                          w.dts, w.dus, w.dsoft, w.ub);
+          T* hs = w.hs;
           for (int64_t l = 0; l < V; ++l)  // the chunk's start state
             for (int64_t n = 0; n < N; ++n)
               hs[n * V + l] = l < nl ? chunk_states[((srow0 + l) * s.n_chunks + j) * N + n] : T(0);
           for (int64_t i = 0; i < len; ++i) {  // states h_{t0} .. into hs[1 ..], exp(dt*A) into as
             const int64_t p = perm ? perm[t0 + i] : t0 + i;
             const T* Bp = a.B + bc + p * N;
-            const T* dt = w.dts.data() + i * V;
-            const T* du = w.dus.data() + i * V;
+            const T* dt = w.dts + i * V;
+            const T* du = w.dus + i * V;
             for (int64_t n = 0; n < N; ++n) {
               const T bn = Bp[n];
-              const T* An = w.A.data() + n * V;
+              const T* An = w.A + n * V;
               const T* hp = hs + (i * N + n) * V;
               T* hn = hs + ((i + 1) * N + n) * V;
-              T* at = w.as.data() + (i * N + n) * V;
+              T* at = w.as + (i * N + n) * V;
 #pragma omp simd
               for (int64_t l = 0; l < V; ++l) {
                 at[l] = fast_exp(dt[l] * An[l]);
@@ -730,16 +755,16 @@ void scan_backward_lanes(const ScanShape& s, const ScanArgs<T>& a, const T* dout
             const T* Cp = a.C + bc + p * N;
             T* dBp = w.dB_mine + bc + p * N;
             T* dCp = w.dC_mine + bc + p * N;
-            const T* dt = w.dts.data() + i * V;
-            const T* dux = w.dus.data() + i * V;
-            const T* dyp = w.dy.data() + p * V;
+            const T* dt = w.dts + i * V;
+            const T* dux = w.dus + i * V;
+            const T* dyp = w.dy + p * V;
             T d_dux[kLanes] = {}, d_dt[kLanes] = {};
             for (int64_t n = 0; n < N; ++n) {
               const T bn = Bp[n], cn = Cp[n];
-              const T* An = w.A.data() + n * V;
+              const T* An = w.A + n * V;
               const T* hp = hs + (i * N + n) * V;        // h_{t-1}
               const T* hc = hs + ((i + 1) * N + n) * V;  // h_t
-              const T* at = w.as.data() + (i * N + n) * V;
+              const T* at = w.as + (i * N + n) * V;
               T* gv = g + n * V;
               T* dAn = dA_acc + n * V;
               T sc = T(0), sb = T(0);
@@ -757,10 +782,10 @@ void scan_backward_lanes(const ScanShape& s, const ScanArgs<T>& a, const T* dout
               dCp[n] += sc;
               dBp[n] += sb;
             }
-            const T* ui = w.ub.data() + i * V;
-            const T* ds = w.dsoft.data() + i * V;
-            T* dup = w.du.data() + p * V;
-            T* ddp = w.ddelta.data() + p * V;
+            const T* ui = w.ub + i * V;
+            const T* ds = w.dsoft + i * V;
+            T* dup = w.du + p * V;
+            T* ddp = w.ddelta + p * V;
 #pragma omp simd
             for (int64_t l = 0; l < V; ++l) {
               dup[l] += d_dux[l] * dt[l];
@@ -770,7 +795,7 @@ void scan_backward_lanes(const ScanShape& s, const ScanArgs<T>& a, const T* dout
             }
           }
         }
-        deinterleave<T, false>(w.ddelta.data(), nl, L, ddelta_out + srow0 * L, L);
+        deinterleave<T, false>(w.ddelta, nl, L, ddelta_out + srow0 * L, L);
         for (int64_t l = 0; l < nl; ++l) {
           const int64_t srow = srow0 + l, pc = (k * s.dim + c0 + l) * N;
           for (int64_t n = 0; n < N; ++n) {
@@ -781,11 +806,11 @@ void scan_backward_lanes(const ScanShape& s, const ScanArgs<T>& a, const T* dout
           if (s.has_D) dD_out[k * s.dim + c0 + l] += dD_row[l];
         }
       }
-      deinterleave<T, true>(w.du.data(), nl, L, du_out + (b * s.dim + c0) * L, L);
+      deinterleave<T, true>(w.du, nl, L, du_out + (b * s.dim + c0) * L, L);
     }
   });
-  reduce_partials(dB_part, n_workers, dB_out);
-  reduce_partials(dC_part, n_workers, dC_out);
+  reduce_partials(dB_part, n_workers, dBC_numel, dB_out);
+  reduce_partials(dC_part, n_workers, dBC_numel, dC_out);
 }
 
 // The lanes kernels serve variable B and C up to N = 16. Measured against the N-vectorised kernels
