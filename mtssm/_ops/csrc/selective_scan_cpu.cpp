@@ -488,17 +488,30 @@ void scan_forward_lanes(const ScanShape& s, const ScanArgs<T>& a, T* out, T* las
   });
 }
 
-// dst[i] = sum over the n_workers partial buffers of part (each numel long).
+// Per-worker partial sums of variable dB and dC, (batch, K, G, L, N) each, zeroed; the backward
+// kernels add a step's dB / dC (a sum over the channels of a B/C group) into their worker's own.
 template <typename T>
-void reduce_partials(const T* part, int64_t n_workers, int64_t numel, T* dst) {
-  at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T acc = T(0);
-      for (int64_t th = 0; th < n_workers; ++th) acc += part[th * numel + i];
-      dst[i] = acc;
-    }
-  });
-}
+struct BCPartials {
+  int64_t n_workers, numel;
+  T* base;  // n_workers dB blocks, then n_workers dC blocks
+  BCPartials(const ScanShape& s, int64_t workers)
+      : n_workers(workers), numel(s.batch * s.K * s.G * s.L * s.N),
+        base(thread_scratch<T, 1>(2 * workers * numel)) {
+    std::fill(base, base + 2 * n_workers * numel, T(0));
+  }
+  T* dB(int64_t w) const { return base + w * numel; }
+  T* dC(int64_t w) const { return base + (n_workers + w) * numel; }
+  // dst[i] = the sum over workers of part[w * numel + i] (part: dB(0) or dC(0)).
+  void reduce(const T* part, T* dst) const {
+    at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        T acc = T(0);
+        for (int64_t w = 0; w < n_workers; ++w) acc += part[w * numel + i];
+        dst[i] = acc;
+      }
+    });
+  }
+};
 
 // Over [l0, l1) of row (b, c): dz, dy (the gradient reaching every direction's y, into the row's
 // dy buffer, indexed by l), the D-skip part of du; returns the row's part of dD (see per_chunk).
@@ -546,11 +559,7 @@ void scan_backward(const ScanShape& s, const ScanArgs<T>& a, const T* dout, cons
   const int64_t N = NS > 0 ? NS : s.N, L = s.L;
   const int64_t cg = group_size(s.dim), n_groups = (s.dim + cg - 1) / cg;
   // dB / dC partials: variable -> (batch, K, G, L, N) per worker; constant -> owned by channel.
-  const int64_t n_workers = workers(n_groups);
-  const int64_t dBC_numel = s.batch * s.K * s.G * L * N;
-  T* dB_part = thread_scratch<T, 1>(2 * n_workers * dBC_numel);
-  T* dC_part = dB_part + n_workers * dBC_numel;
-  std::fill(dB_part, dB_part + 2 * n_workers * dBC_numel, T(0));
+  const BCPartials<T> parts(s, workers(n_groups));
 
   struct Local {
     T* dB_mine;
@@ -560,8 +569,7 @@ void scan_backward(const ScanShape& s, const ScanArgs<T>& a, const T* dout, cons
     std::vector<T> hs, as, dts, dus, dsoft, dy, g, dA_acc, dB_const, dC_const;
   };
   auto make_local = [&](int64_t w) {
-    return Local{s.variable_B ? dB_part + w * dBC_numel : nullptr,
-                 s.variable_C ? dC_part + w * dBC_numel : nullptr,
+    return Local{s.variable_B ? parts.dB(w) : nullptr, s.variable_C ? parts.dC(w) : nullptr,
                  std::vector<T>((s.chunk + 1) * N), std::vector<T>(s.chunk * N),
                  std::vector<T>(s.chunk), std::vector<T>(s.chunk), std::vector<T>(s.chunk),
                  std::vector<T>(cg * L), std::vector<T>(cg * N), std::vector<T>(cg * N),
@@ -666,8 +674,8 @@ void scan_backward(const ScanShape& s, const ScanArgs<T>& a, const T* dout, cons
       }
     }
   });
-  if (s.variable_B) reduce_partials(dB_part, n_workers, dBC_numel, dB_out);
-  if (s.variable_C) reduce_partials(dC_part, n_workers, dBC_numel, dC_out);
+  if (s.variable_B) parts.reduce(parts.dB(0), dB_out);
+  if (s.variable_C) parts.reduce(parts.dC(0), dC_out);
 }
 
 // The adjoint of scan_forward_lanes (variable B and C). One item is a lane group (all batches, so
@@ -682,11 +690,7 @@ void scan_backward_lanes(const ScanShape& s, const ScanArgs<T>& a, const T* dout
                          T* dinit_out) {
   const int64_t N = NS > 0 ? NS : s.N, L = s.L, V = kLanes;
   const LaneGroups lg(s);
-  const int64_t n_workers = workers(lg.count);
-  const int64_t dBC_numel = s.batch * s.K * s.G * L * N;
-  T* dB_part = thread_scratch<T, 1>(2 * n_workers * dBC_numel);
-  T* dC_part = dB_part + n_workers * dBC_numel;
-  std::fill(dB_part, dB_part + 2 * n_workers * dBC_numel, T(0));
+  const BCPartials<T> parts(s, workers(lg.count));
   struct Local {
     T* dB_mine;
     T* dC_mine;
@@ -697,7 +701,7 @@ void scan_backward_lanes(const ScanShape& s, const ScanArgs<T>& a, const T* dout
   auto make_local = [&](int64_t w) {
     const int64_t c = s.chunk * V;
     Carve<T> m{thread_scratch<T, 0>((2 * s.chunk + 1) * N * V + 4 * c + (3 * N + 1) * V + 6 * L * V)};
-    return Local{dB_part + w * dBC_numel, dC_part + w * dBC_numel,
+    return Local{parts.dB(w), parts.dC(w),
                  m.take((s.chunk + 1) * N * V), m.take(s.chunk * N * V), m.take(c), m.take(c),
                  m.take(c), m.take(c), m.take(N * V), m.take(V), m.take(N * V), m.take(N * V),
                  m.take(L * V), m.take(L * V), m.take(L * V), m.take(L * V), m.take(L * V),
@@ -809,8 +813,8 @@ void scan_backward_lanes(const ScanShape& s, const ScanArgs<T>& a, const T* dout
       deinterleave<T, true>(w.du, nl, L, du_out + (b * s.dim + c0) * L, L);
     }
   });
-  reduce_partials(dB_part, n_workers, dBC_numel, dB_out);
-  reduce_partials(dC_part, n_workers, dBC_numel, dC_out);
+  parts.reduce(parts.dB(0), dB_out);
+  parts.reduce(parts.dC(0), dC_out);
 }
 
 // The lanes kernels serve variable B and C up to N = 16. Measured against the N-vectorised kernels
