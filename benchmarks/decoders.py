@@ -45,7 +45,7 @@ def _step(model: torch.nn.Module, x: torch.Tensor) -> None:
 #: ATen kernels that eager mode and Inductor's CPU code both call as they are (matrix products and
 #: convolutions are extern kernels for Inductor, as are the ``mtssm::`` ops).
 _EXTERN_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::mkldnn_convolution",
-               "aten::convolution_backward", "aten::_mkldnn_convolution", "aten::mkldnn_linear")
+               "aten::convolution_backward")
 
 
 def _shares(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
@@ -124,7 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    allocator = "glibc default" if args.default_allocator or not keep_freed_memory() else "freed memory reused"
+    reused = not args.default_allocator and keep_freed_memory()  # False where libc is not glibc
+    allocator = "freed memory reused" if reused else "default"
     names = args.models or list_models("*_tiny")
     unknown = sorted(set(names) - set(list_models()))
     if unknown:
