@@ -3,7 +3,7 @@
 - ``mtssm recipe list | show NAME | run NAME [--data-root DIR] [--data rendered] [--set k=v ...]
   [--out DIR] [--resume]``
 - ``mtssm eval CKPT [--data-root DIR]`` · ``mtssm predict CKPT IMAGE... --out DIR`` ·
-  ``mtssm export CKPT --out model.pt2`` · ``mtssm models``
+  ``mtssm export CKPT --out model.pt2 [--format aoti]`` · ``mtssm models``
 
 Every expected failure (unknown recipe, key or value; missing dataset; NaN loss) ends with a one-line
 ``Error: ...`` and exit status 1.
@@ -190,9 +190,11 @@ def predict(ckpt: Path, images: tuple[Path, ...], out: Path) -> None:
 @click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output .pt2 file.")
 @click.option("--size", default=None, metavar="HxW", help="Input size [the recipe's, rounded to 32].")
+@click.option("--format", "fmt", type=click.Choice(["program", "aoti"]), default="program",
+              help="program: torch.export (needs Python and mtssm); aoti: AOTInductor package for C++.")
 @_one_line_errors
-def export(ckpt: Path, out: Path, size: str | None) -> None:
-    """Export checkpoint CKPT with torch.export (load with torch.export.load after import mtssm)."""
+def export(ckpt: Path, out: Path, size: str | None, fmt: str) -> None:
+    """Export checkpoint CKPT with torch.export, or compile it with AOTInductor (--format aoti)."""
     from mtssm.engine.export import export_checkpoint
 
     hw = None
@@ -202,8 +204,14 @@ def export(ckpt: Path, out: Path, size: str | None) -> None:
         except ValueError:
             raise ValueError(f"--size: expected HxW like 96x128, got {size!r}") from None
         hw = (h, w)
-    path = export_checkpoint(ckpt, out, size=hw)
+    path = export_checkpoint(ckpt, out, size=hw, format=fmt)
     click.echo(f"wrote {path}")
+    if fmt == "aoti":
+        from mtssm.engine.export import deploy_commands
+
+        click.echo("build and run the C++ program (no Python in its process):")
+        for line in deploy_commands(path):
+            click.echo(f"  {line}")
 
 
 @click.command("models")
