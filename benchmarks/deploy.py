@@ -12,8 +12,9 @@ peak memory is that process's resident-set high-water mark (``ru_maxrss`` from `
 interpreter, libraries, weights and activations, everything the deployment would hold). Latency is
 the median over ``--iters`` runs after one warm-up run; for the C++ program, the run time it prints
 per image, images after the first. Every way's outputs are checked against eager (relative L2
-error). Exporting and compiling take minutes per model on 2 cores: packages are kept in
-``--workdir`` and reused when their model, size and sources are unchanged.
+error). Exporting and compiling take minutes per model on 2 cores: programs and packages are kept
+in ``--workdir`` and reused for the same model, size and torch version (``--rebuild`` after
+changing the code).
 """
 
 from __future__ import annotations
@@ -74,18 +75,18 @@ def _run_child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, 
     return out.decode(), usage.ru_maxrss / 1024  # Linux: KiB
 
 
-def _prepare(name: str, folder: Path, size: tuple[int, int], threads: int) -> None:
+def _prepare(name: str, folder: Path, size: tuple[int, int], threads: int, rebuild: bool) -> None:
     """Weights, input, program, package and op library of ``name`` in ``folder`` (reused if current)."""
     from mtssm.engine.export import OPS_LIBRARY_NAME, compile_package, export_program, package_metadata
     from mtssm.nn import create_model
     from mtssm._ops import library_path
 
-    spec = {"model": name, "size": list(size), "threads": threads,
-            "sources": _sources_stamp()}
+    spec = {"model": name, "size": list(size), "torch": torch.__version__}
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(library_path(), folder / OPS_LIBRARY_NAME)
     spec_file = folder / "spec.json"
-    if spec_file.is_file() and json.loads(spec_file.read_text()) == spec and (folder / "package.pt2").is_file():
+    if (not rebuild and spec_file.is_file() and json.loads(spec_file.read_text()) == spec
+            and (folder / "package.pt2").is_file()):
         print(f"{name}: reusing the program and package in {folder}", flush=True)
         return
     torch.manual_seed(0)
@@ -112,16 +113,6 @@ def _prepare(name: str, folder: Path, size: tuple[int, int], threads: int) -> No
     spec_file.write_text(json.dumps(spec))
 
 
-def _sources_stamp() -> str:
-    """A stamp of the package's Python sources: packages are rebuilt when the code changes."""
-    import hashlib
-
-    h = hashlib.sha256(torch.__version__.encode())
-    for p in sorted((REPO / "mtssm").rglob("*.py")):
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def _build_cpp(build: Path) -> Path:
     from torch.utils import cmake_prefix_path
 
@@ -145,6 +136,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--workdir", type=Path, default=REPO / "build" / "deploy-bench")
+    parser.add_argument("--rebuild", action="store_true", help="Rebuild the kept programs and packages.")
     parser.add_argument("--child", choices=MODES[:3], help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -157,7 +149,7 @@ def main() -> None:
     rows = []
     for name in args.models:
         folder = args.workdir / name
-        _prepare(name, folder, size, args.threads)
+        _prepare(name, folder, size, args.threads, args.rebuild)
         latency, peak, err = {}, {}, {}
         for mode in MODES[:3]:
             out, peak[mode] = _run_child([sys.executable, __file__, "--child", mode, "--folder", str(folder),
