@@ -206,9 +206,12 @@ def deploy_commands(package: str | Path, build_dir: str | Path = "build/deploy")
     """The two shell commands that build the C++ program and run it on ``package``."""
     from torch.utils import cmake_prefix_path
 
+    from shlex import quote
+
     source = CPP_SOURCE_DIR if CPP_SOURCE_DIR.is_dir() else Path("deploy/cpp")  # else: from a clone
-    build = Path(build_dir)
+    build = quote(str(build_dir))
     return [
-        f"cmake -S {source} -B {build} -DCMAKE_PREFIX_PATH={cmake_prefix_path} && cmake --build {build}",
-        f"{build / 'mtssm_run'} {package} IMAGE.png --out predictions/",
+        f"cmake -S {quote(str(source))} -B {build} -DCMAKE_PREFIX_PATH={quote(cmake_prefix_path)}"
+        f" && cmake --build {build}",
+        f"{quote(str(Path(build_dir) / 'mtssm_run'))} {quote(str(package))} IMAGE.png --out predictions/",
     ]
