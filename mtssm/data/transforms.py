@@ -6,9 +6,18 @@ pipeline with torch tensors. Per key: the image is resampled bilinearly; every l
 ``human_parts``, ``sal``, ``edge``), ``depth`` and ``normals`` with nearest neighbours; padding
 uses :data:`mtssm.data.constants.PAD_VALUES` (labels 255, depth 0, normals 0); scaling by ``s``
 divides depth by ``s`` (the scene looks ``s`` times closer); a horizontal flip negates the x
-component of normals. Normals may also travel as their stored uint8 codes (n = 2 v / 255 - 1, see
-``DenseDataset.encoded_normals``): then padding uses the invalid code 128, a flip maps v to 255 - v,
-and :class:`ToTensor` decodes them.
+component of normals. Normals may also travel as their stored uint8 codes with a flag channel
+(n = 2 v / 255 - 1, see ``DenseDataset.encoded_normals``): then padding uses the invalid code 128, a
+flip toggles the flag between valid (255) and valid-with-x-negated (254), and :class:`ToTensor`
+decodes them, to exactly the values of decoding first.
+
+These are the official transforms (ATRC's, used by InvPT / MTMamba / PAMM): ``RandomScaling``
+(0.5-2, labels, depth and normals nearest, depth divided by the scale), ``RandomCrop``,
+``RandomHorizontalFlip``, ``PhotoMetricDistortion``, ``PadImage``, ``AddIgnoreRegions`` (here
+:class:`IgnoreEmptyParts`; zero depth and zero normals are already mtssm's invalid values). Where
+mtssm differs, only the image's resampling and the random draws do: see :class:`RandomScaleCrop`
+and :class:`PhotometricDistortion`. Cityscapes (MTMamba++) is not augmented: :class:`ResizeImage`
+resizes the image only, the labels stay at their stored size.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import torch
 from PIL import Image
 
 from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD, PAD_VALUES
-from mtssm.data.datasets import decode_normals
+from mtssm.data.datasets import NORMAL_VALID_FLIPPED, decode_normals, ignore_empty_parts
 
 __all__ = [
     "Compose",
@@ -33,17 +42,20 @@ __all__ = [
     "RandomHorizontalFlip",
     "PhotometricDistortion",
     "PadTo",
+    "IgnoreEmptyParts",
+    "ResizeImage",
     "ToTensor",
     "normalize_image",
     "train_transforms",
     "eval_transforms",
+    "resize_transforms",
 ]
 
 Sample = dict[str, Any]
 _DENSE = ("semseg", "human_parts", "sal", "edge", "depth", "normals")
 
 
-_ENCODED_NORMAL_PAD = 128  # decodes to a vector of norm < 0.1, i.e. invalid
+_ENCODED_NORMAL_PAD = 128  # a flag that is neither valid (255) nor valid-flipped (254)
 
 
 def _dense_keys(sample: Sample) -> list[str]:
@@ -72,13 +84,13 @@ def _nearest_index(n_out: int, n_in: int, n_scaled: int, offset: int = 0) -> np.
 
 
 def _negate_normals_x(normals: np.ndarray) -> None:
-    """Negate the x component of ``normals`` (H, W, 3) in place: -x for float vectors, 255 - v
-    for uint8 codes."""
-    nx = normals[..., 0]
-    if nx.dtype == np.uint8:
-        np.subtract(255, nx, out=nx)
+    """Negate the x component of ``normals`` in place: -x for float (H, W, 3) vectors; for uint8
+    (H, W, 4) codes the flag of valid pixels toggles between 255 and 254 (x negated)."""
+    if normals.dtype == np.uint8:
+        flag = normals[..., 3]
+        np.bitwise_xor(flag, np.uint8(1), out=flag, where=flag >= NORMAL_VALID_FLIPPED)
     else:
-        nx *= -1.0
+        normals[..., 0] *= -1.0
 
 
 def _resample(sample: Sample, scaled: tuple[int, int], box: tuple[int, int, int, int],
@@ -287,6 +299,42 @@ class PadTo:
         return _resample(sample, (h, w), (0, 0, h, w), (oh, ow))
 
 
+class IgnoreEmptyParts:
+    """The official ``AddIgnoreRegions`` rule for ``human_parts``: a map with no part left (only
+    background and ignored pixels, e.g. a crop beside the person) becomes all ignored (255), so the
+    crop does not train every pixel as background."""
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        if "human_parts" not in sample:
+            return sample
+        out = dict(sample)
+        out["human_parts"] = ignore_empty_parts(sample["human_parts"])
+        return out
+
+    def __repr__(self) -> str:
+        return "IgnoreEmptyParts()"
+
+
+class ResizeImage:
+    """Resize the image alone to ``size`` (H, W), bilinearly (PIL, as MTMamba++'s Cityscapes
+    loader does); the labels keep their stored size, so the loss and the metrics compare outputs
+    resized to the labels' size."""
+
+    def __init__(self, size: int | Sequence[int]) -> None:
+        self.size = _pair(size, "size")
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        out = dict(sample)
+        h, w = self.size
+        if sample["image"].shape[:2] != (h, w):
+            img = Image.fromarray(np.ascontiguousarray(sample["image"])).resize((w, h), Image.BILINEAR)
+            out["image"] = np.asarray(img)
+        return out
+
+    def __repr__(self) -> str:
+        return f"ResizeImage(size={self.size})"
+
+
 _IMAGE_SCALE = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], np.float32).reshape(3, 1, 1)
 _IMAGE_SHIFT = np.array([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], np.float32).reshape(3, 1, 1)
 
@@ -330,7 +378,7 @@ class ToTensor:
     :func:`mtssm.data.make_dataloader` uses; :func:`mtssm.data.loader.finalize_batch` turns a batch
     of them into the tensors above): ``image`` uint8 (3, H, W) levels; ``semseg``, ``human_parts``,
     ``sal`` uint8 (H, W); ``edge`` uint8 (1, H, W); ``depth`` float32 (1, H, W); ``normals`` uint8
-    (3, H, W) codes if they travel encoded (see ``DenseDataset.encoded_normals``), else float32.
+    (4, H, W) codes if they travel encoded (see ``DenseDataset.encoded_normals``), else float32.
     Compact tensors may be non-contiguous views."""
 
     def __init__(self, compact: bool = False) -> None:
@@ -366,11 +414,18 @@ class ToTensor:
 def train_transforms(crop_size: int | Sequence[int], scale_range: tuple[float, float] = (0.5, 2.0)) -> Compose:
     """Random scale + crop to ``crop_size`` and flip p=0.5 (fused in one :class:`RandomScaleCrop`
     pass; the same draws as ``RandomScaleCrop`` then ``RandomHorizontalFlip(0.5)``), photometric
-    distortion, to tensors."""
-    return Compose([RandomScaleCrop(crop_size, scale_range, flip_p=0.5), PhotometricDistortion(), ToTensor()])
+    distortion, empty parts maps ignored, to tensors."""
+    return Compose([RandomScaleCrop(crop_size, scale_range, flip_p=0.5), PhotometricDistortion(),
+                    IgnoreEmptyParts(), ToTensor()])  # fmt: skip
 
 
 def eval_transforms(pad_size: int | Sequence[int] | None = None) -> Compose:
     """No resizing: optional padding to ``pad_size`` (batches are padded to a common size by the
-    loader's collate anyway), then tensors."""
-    return Compose(([PadTo(pad_size)] if pad_size is not None else []) + [ToTensor()])
+    loader's collate anyway), empty parts maps ignored, then tensors."""
+    return Compose(([PadTo(pad_size)] if pad_size is not None else []) + [IgnoreEmptyParts(), ToTensor()])
+
+
+def resize_transforms(image_size: int | Sequence[int]) -> Compose:
+    """The unaugmented pipeline (MTMamba++ Cityscapes, train and eval): the image resized to
+    ``image_size``, labels at their stored size, then tensors."""
+    return Compose([ResizeImage(image_size), IgnoreEmptyParts(), ToTensor()])

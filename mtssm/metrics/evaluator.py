@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtssm.data.constants import NUM_CLASSES
+from mtssm.data.protocol import PROTOCOLS
 from mtssm.metrics.boundary import Matcher, _matcher, edge_thresholds, ods_f
 from mtssm.metrics.delta import HIGHER_IS_BETTER, METRIC_NAMES, delta_m
 from mtssm.metrics.functional import (
@@ -53,12 +55,16 @@ __all__ = [
     "build_evaluator",
 ]
 
-# Evaluation settings per dataset: classes per segmentation task and the boundary matching radius
-# (fraction of the image diagonal) of the SEISM evaluations of ASTMT / MTI-Net / InvPT.
+# Evaluation settings per dataset, read from the task facts and the protocol of mtssm.data: classes
+# per segmentation task, the boundary matching radius (fraction
+# of the image diagonal) and the upper end of the scored depth range.
 DATASETS: dict[str, dict[str, Any]] = {
-    "nyud": {"num_classes": {"semseg": 40}, "edge_max_dist": 0.011},
-    "pascal": {"num_classes": {"semseg": 21, "human_parts": 7}, "edge_max_dist": 0.0075},
-    "cityscapes": {"num_classes": {"semseg": 19}, "edge_max_dist": 0.0075},
+    name: {
+        "num_classes": dict(NUM_CLASSES[name]),
+        "edge_max_dist": proto.edge_max_dist,
+        "max_depth": proto.depth_range[1],
+    }
+    for name, proto in PROTOCOLS.items()
 }
 
 
@@ -172,11 +178,13 @@ class SegmentationAccumulator(MetricAccumulator):
 
 
 class DepthAccumulator(MetricAccumulator):
-    """RMSE over every valid pixel (label > 0) seen; ``{"rmse": value}`` in label units."""
+    """RMSE over every valid pixel (0 < label < ``max_depth``) seen, predictions clamped at 1e-9
+    (see :func:`mtssm.metrics.functional.depth_sums`); ``{"rmse": value}`` in label units."""
 
     metric = "rmse"
 
-    def __init__(self, task: str = "depth") -> None:
+    def __init__(self, task: str = "depth", max_depth: float = float("inf")) -> None:
+        self.max_depth = max_depth
         super().__init__(task)
 
     def _empty_state(self) -> Tensor:
@@ -186,7 +194,7 @@ class DepthAccumulator(MetricAccumulator):
     def update(self, pred: Tensor, target: Tensor) -> None:
         _check_batch(self.task, pred, target, 1)
         pred = _to_label_size(pred, target)[:, 0]
-        sse, n = depth_sums(pred, _squeeze_channel(target).to(pred.device))
+        sse, n = depth_sums(pred, _squeeze_channel(target).to(pred.device), self.max_depth)
         self.state += torch.tensor([sse, n], dtype=torch.float64)
 
     def compute(self) -> dict[str, float]:
@@ -428,7 +436,7 @@ def build_evaluator(
                 raise ValueError(f"num_classes: no class count for task {task!r}; pass num_classes={{{task!r}: K}}")
             accumulators[task] = SegmentationAccumulator(task, classes[task], ignore_index)
         elif task == "depth":
-            accumulators[task] = DepthAccumulator(task)
+            accumulators[task] = DepthAccumulator(task, DATASETS[key]["max_depth"] if key else float("inf"))
         elif task == "normals":
             accumulators[task] = NormalsAccumulator(task)
         elif task == "sal":
