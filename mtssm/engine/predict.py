@@ -3,6 +3,8 @@
 Colour maps: segmentation and human parts get the PASCAL VOC palette (class index -> colour),
 depth a perceptual blue-to-yellow ramp over each image's 2nd..98th percentile, normals the usual
 ``(n + 1) / 2`` RGB encoding of unit vectors, boundaries and saliency their probability in grey.
+Ground truth (the sheets written during evaluation) uses the same maps, depth on the prediction's
+range, and shows ignored or invalid pixels in black.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "colorize",
+    "colorize_target",
     "load_image",
     "load_model_from_checkpoint",
     "predict_dataset",
@@ -78,6 +81,38 @@ def colorize(task: str, pred: Tensor) -> Image.Image:
     return Image.fromarray((p.numpy() * 255).round().astype(np.uint8)).convert("RGB")
 
 
+def colorize_target(task: str, target: Tensor, pred: Tensor | None = None) -> Image.Image:
+    """An RGB image of one task's ground truth as the data pipeline gives it: labels (H, W) or
+    (1, H, W) with 255 ignored, depth (1, H, W) with 0 invalid (coloured on the range of ``pred``,
+    when given, so the two compare), normals (3, H, W) with zero vectors invalid. Ignored and
+    invalid pixels are black."""
+    t = target.detach().float().cpu()
+    if task in ("semseg", "human_parts", "sal", "edge"):
+        lab = (t[0] if t.ndim == 3 else t).numpy()
+        ignored = lab == 255
+        if task in ("semseg", "human_parts"):
+            rgb = voc_palette()[np.where(ignored, 0, lab).astype(np.uint8)]
+        else:
+            rgb = np.repeat((np.where(ignored, 0, lab) * 255).clip(0, 255).astype(np.uint8)[..., None], 3, -1)
+        rgb[ignored] = 0
+        return Image.fromarray(rgb)
+    if task == "depth":
+        d = t[0].numpy()
+        valid = d > 0
+        ref = pred[0].float().cpu().numpy() if pred is not None else d[valid]
+        lo, hi = np.percentile(ref, [2, 98]) if ref.size else (0.0, 1.0)
+        rgb = _ramp((d - lo) / max(hi - lo, 1e-6))
+        rgb[~valid] = 0
+        return Image.fromarray(rgb)
+    if task == "normals":
+        n = t[:3].permute(1, 2, 0).numpy()
+        valid = np.linalg.norm(n, axis=-1) > 0
+        rgb = ((n + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
+        rgb[~valid] = 0
+        return Image.fromarray(rgb)
+    raise ValueError(f"colorize_target: unknown task {task!r}")
+
+
 def load_image(path: str | Path) -> tuple[Image.Image, Tensor]:
     """The RGB image at ``path`` and its normalised tensor ``(3, H, W)`` (ImageNet statistics)."""
     from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD
@@ -113,9 +148,11 @@ def predict_tensor(model: nn.Module, image: Tensor) -> dict[str, Tensor]:
 
 
 def save_predictions(
-    image: Image.Image, preds: dict[str, Tensor], out_dir: str | Path, stem: str
+    image: Image.Image, preds: dict[str, Tensor], out_dir: str | Path, stem: str,
+    targets: dict[str, Tensor] | None = None,
 ) -> list[Path]:
-    """Write ``<stem>_<task>.png`` for each task and ``<stem>_sheet.png`` (input + tasks, captioned)."""
+    """Write ``<stem>_<task>.png`` for each task and ``<stem>_sheet.png``, captioned: the input,
+    then per task its ground truth (when ``targets`` has it) beside its prediction."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -125,6 +162,8 @@ def save_predictions(
         path = out / f"{stem}_{task}.png"
         tile.save(path)
         written.append(path)
+        if targets is not None and task in targets:
+            tiles.append((f"{task} gt", colorize_target(task, targets[task], pred)))
         tiles.append((task, tile))
     w, h = image.size
     caption = 14
@@ -176,10 +215,14 @@ def _to_pil(image: Tensor) -> Image.Image:
 
 
 def predict_dataset(model: nn.Module, dataset: Sequence, out_dir: str | Path, n: int) -> list[Path]:
-    """Write the prediction PNGs of the first ``n`` samples of ``dataset`` (stems ``0000``, ...)."""
+    """Write the prediction PNGs of the first ``n`` samples of ``dataset`` (stems ``0000``, ...),
+    each sheet showing the input and, per task, the ground truth beside the prediction."""
     model.eval()
     written: list[Path] = []
     for i in range(min(n, len(dataset))):
-        image = dataset[i]["image"]
-        written += save_predictions(_to_pil(image), predict_tensor(model, image), out_dir, f"{i:04d}")
+        sample = dataset[i]
+        image = sample["image"]
+        preds = predict_tensor(model, image)
+        targets = {t: sample[t] for t in preds if t in sample}
+        written += save_predictions(_to_pil(image), preds, out_dir, f"{i:04d}", targets)
     return written
