@@ -71,6 +71,8 @@ def build_dataset(
     NYUDv2 and PASCAL-Context: ``train=True``: random scale [0.5, 2] + crop to ``crop_size``
     (default the protocol's ``train_crop``), flip, photometric distortion; ``train=False``: no
     resizing, padded to ``crop_size`` if given (the loader pads each batch to a common size).
+    Evaluation pads real data (centred) to the protocol's ``train_crop``, the official test size;
+    rendered scenes are evaluated at their size.
     Cityscapes: the image resized to the protocol's ``image_size`` (or ``crop_size``), labels at
     their stored size, no augmentation, in both splits. ``options`` go to the dataset
     (``normals_rule``, ``edge_rule``, ``depth_target``: the departures of
@@ -79,12 +81,13 @@ def build_dataset(
     if name not in DATASETS:
         raise ValueError(f"dataset name must be one of {sorted(DATASETS)}, got {name!r}")
     proto = protocol(name)
+    dataset = DATASETS[name](root, split, tasks=tasks, on_error=on_error, **options)
     if proto.image_size is not None:
-        transforms = resize_transforms(proto.image_size if crop_size is None else crop_size)
+        dataset.transforms = resize_transforms(proto.image_size if crop_size is None else crop_size)
     elif train:
-        transforms = train_transforms(proto.train_crop if crop_size is None else crop_size)
-    else:
-        transforms = eval_transforms(crop_size)
-    dataset = DATASETS[name](root, split, transforms=transforms, tasks=tasks, on_error=on_error, **options)
+        dataset.transforms = train_transforms(proto.train_crop if crop_size is None else crop_size)
+    else:  # real data: centred padding to the test size, as the official pipeline
+        pad = crop_size if crop_size is not None or dataset.rendered else proto.train_crop
+        dataset.transforms = eval_transforms(pad)
     dataset.encoded_normals = True  # decoded by ToTensor after augmentation
     return dataset

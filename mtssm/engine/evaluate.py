@@ -169,7 +169,7 @@ def evaluate(
     for batch in _batches(loader, max_batches):
         with autocast:
             out = model(batch["image"].to(device))
-        evaluator.update({t: out[t].float().cpu() for t in tasks}, {t: batch[t] for t in tasks})
+        _update_at_original_size(evaluator, {t: out[t].float().cpu() for t in tasks}, batch, tasks)
         images += batch["image"].shape[0]
     model.train(was_training)
     metrics = evaluator.compute()
@@ -178,6 +178,37 @@ def evaluate(
     main = {t: METRIC_NAMES[t] for t in tasks}
     return EvalResult(metrics=metrics, baselines=base, delta_m=dm, main=main, images=images,
                       protocol=protocol(dataset_name).describe(tasks), delta_m_note=note)  # fmt: skip
+
+
+def _update_at_original_size(evaluator: Any, outputs: dict[str, Tensor], batch: Any, tasks: Sequence[str]) -> None:
+    """Score each image on its original pixels only: outputs are resized (bilinearly) to the
+    label maps' size, then outputs and labels are cropped to the image's own window: ``meta["size"]``
+    (its stored size) from ``meta["offset"]`` (where its pixels start after centred padding,
+    default (0, 0)) when the labels share the image's frame, from (0, 0) when they keep their
+    stored size. Padding never counts, and edge matching uses the image's own diagonal."""
+    metas = list(batch["meta"]) if "meta" in batch.keys() else None
+    label_hw = {t: tuple(batch[t].shape[-2:]) for t in tasks}
+    if metas is None or all(
+        tuple(m.get("offset", (0, 0))) == (0, 0) and all(tuple(m["size"]) == label_hw[t] for t in tasks)
+        for m in metas
+    ):
+        evaluator.update(outputs, {t: batch[t] for t in tasks})
+        return
+    for i, meta in enumerate(metas):
+        top, left = meta.get("offset", (0, 0))
+        h, w = meta["size"]
+        preds, labels = {}, {}
+        for t in tasks:
+            label = batch[t][i : i + 1]
+            pred = outputs[t][i : i + 1]
+            if tuple(pred.shape[-2:]) != label_hw[t]:
+                pred = F.interpolate(pred, size=label_hw[t], mode="bilinear", align_corners=False)
+            if label_hw[t] == tuple(batch["image"].shape[-2:]):  # labels in the image's frame
+                window = (slice(top, top + h), slice(left, left + w))
+            else:  # labels at their stored size (an image resized alone, see ResizeImage)
+                window = (slice(0, h), slice(0, w))
+            preds[t], labels[t] = pred[..., window[0], window[1]], label[..., window[0], window[1]]
+        evaluator.update(preds, labels)
 
 
 def _delta_m(evaluator: Any, metrics: dict[str, dict[str, float]], dataset: Any, name: str) -> tuple[float | None, str]:
