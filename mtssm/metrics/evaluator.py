@@ -233,7 +233,11 @@ class SaliencyAccumulator(MetricAccumulator):
     """maxF (percent, ``beta2`` = 0.3) of the salient-class probability; ``{"maxF": percent}``.
 
     Outputs: logits (B, 2, H, W) (softmax, class 1) or (B, 1, H, W) (sigmoid). See
-    :func:`mtssm.metrics.saliency_maxf` for the two protocols.
+    :func:`mtssm.metrics.saliency_maxf` for the two protocols. ``squash`` (default, the official
+    evaluation) passes the probability through a sigmoid once more before thresholding, as the
+    ``SaliencyMeter`` of InvPT / MTMamba does with the probabilities ``get_output`` gives it
+    (thresholds 0.05..0.95 of ``sigmoid(p)``, i.e. every pixel positive up to 0.5, then p above
+    0.20, 0.41, 0.62, 0.85); ``squash=False`` thresholds the probability itself.
     """
 
     metric = "maxF"
@@ -245,6 +249,7 @@ class SaliencyAccumulator(MetricAccumulator):
         thresholds: Sequence[float] = SALIENCY_THRESHOLDS,
         ignore_index: int = 255,
         protocol: Literal["dataset", "per_image"] = "dataset",
+        squash: bool = True,
     ) -> None:
         if protocol not in ("dataset", "per_image"):
             raise ValueError(f"protocol: expected 'dataset' or 'per_image', got {protocol!r}")
@@ -252,6 +257,7 @@ class SaliencyAccumulator(MetricAccumulator):
         self.thresholds = tuple(float(t) for t in thresholds)
         self.ignore_index = ignore_index
         self.protocol = protocol
+        self.squash = squash
         super().__init__(task)
 
     def _empty_state(self) -> Tensor:
@@ -267,6 +273,8 @@ class SaliencyAccumulator(MetricAccumulator):
             probs = pred[:, 0].sigmoid()
         else:
             raise ValueError(f"{self.task}: expected (B, 2, H, W) or (B, 1, H, W) logits, got {tuple(pred.shape)}")
+        if self.squash:
+            probs = probs.sigmoid()
         counts = saliency_counts(probs, _squeeze_channel(target).to(probs.device), self.thresholds, self.ignore_index)
         self.state += counts.sum(0) if self.protocol == "dataset" else per_image_precision_recall(counts)
 
@@ -402,6 +410,7 @@ def build_evaluator(
     edge_thresholds: int | Sequence[float] = 99,
     edge_matcher: Matcher = "auto",
     saliency_protocol: Literal["dataset", "per_image"] = "dataset",
+    saliency_squash: bool = True,
     ignore_index: int = 255,
     single_task_baseline: Mapping[str, float] | None = None,
 ) -> MultiTaskEvaluator:
@@ -420,6 +429,7 @@ def build_evaluator(
             correspondPixels when installed, else scipy), 'pyedgeeval', or 'scipy' (exact solution
             of the same objective; much faster on large edge maps, matches slightly more pixels).
         saliency_protocol: 'dataset' or 'per_image' (see ``saliency_maxf``).
+        saliency_squash: the official sigmoid of the probabilities (see ``SaliencyAccumulator``).
         single_task_baseline: task -> single-task value for ``delta_m()``; by default the
             built-in baseline of the dataset where there is one (NYUDv2).
     """
@@ -440,7 +450,8 @@ def build_evaluator(
         elif task == "normals":
             accumulators[task] = NormalsAccumulator(task)
         elif task == "sal":
-            accumulators[task] = SaliencyAccumulator(task, ignore_index=ignore_index, protocol=saliency_protocol)
+            accumulators[task] = SaliencyAccumulator(
+                task, ignore_index=ignore_index, protocol=saliency_protocol, squash=saliency_squash)
         elif task == "edge":
             accumulators[task] = EdgeAccumulator(
                 task, 0.0075 if max_dist is None else max_dist, edge_thresholds, ignore_index,
