@@ -4,7 +4,7 @@ Colour maps: segmentation and human parts get the PASCAL VOC palette (class inde
 depth a perceptual blue-to-yellow ramp over each image's 2nd..98th percentile, normals the usual
 ``(n + 1) / 2`` RGB encoding of unit vectors, boundaries and saliency their probability in grey.
 Ground truth (the sheets written during evaluation) uses the same maps, depth on the prediction's
-range, and shows ignored or invalid pixels in black.
+range; ignored label pixels take VOC's void colour (light beige), invalid depth and normals black.
 """
 
 from __future__ import annotations
@@ -84,17 +84,18 @@ def colorize(task: str, pred: Tensor) -> Image.Image:
 def colorize_target(task: str, target: Tensor, pred: Tensor | None = None) -> Image.Image:
     """An RGB image of one task's ground truth as the data pipeline gives it: labels (H, W) or
     (1, H, W) with 255 ignored, depth (1, H, W) with 0 invalid (coloured on the range of ``pred``,
-    when given, so the two compare), normals (3, H, W) with zero vectors invalid. Ignored and
-    invalid pixels are black."""
+    when given, so the two compare), normals (3, H, W) with zero vectors invalid. Ignored label
+    pixels take the VOC void colour (palette entry 255), invalid depth and normals are black."""
     t = target.detach().float().cpu()
     if task in ("semseg", "human_parts", "sal", "edge"):
         lab = (t[0] if t.ndim == 3 else t).numpy()
         ignored = lab == 255
+        palette = voc_palette()
         if task in ("semseg", "human_parts"):
-            rgb = voc_palette()[np.where(ignored, 0, lab).astype(np.uint8)]
+            rgb = palette[np.where(ignored, 0, lab).astype(np.uint8)]
         else:
             rgb = np.repeat((np.where(ignored, 0, lab) * 255).clip(0, 255).astype(np.uint8)[..., None], 3, -1)
-        rgb[ignored] = 0
+        rgb[ignored] = palette[255]
         return Image.fromarray(rgb)
     if task == "depth":
         d = t[0].numpy()
