@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2  # opencv-python-headless and scikit-image: the test extra
 import numpy as np
 from PIL import Image
 from scipy.io import loadmat, savemat
-
-cv2 = __import__("pytest").importorskip("cv2")
-skimage_thin = __import__("pytest").importorskip("skimage.morphology").thin
+from skimage.morphology import thin as skimage_thin
 
 # Official human-part map with 6 parts (``HUMAN_PART[6]``).
 HUMAN_PART_6 = {"hair": 1, "head": 1, "lear": 1, "lebrow": 1, "leye": 1, "lfoot": 6, "lhand": 4, "llarm": 4,
