@@ -78,6 +78,7 @@ from mtssm.data.constants import (
     TASKS_BY_DATASET,
 )
 from mtssm.data.io import DataFileError, check_size, read_image, read_label_png, read_mat, read_npy
+from mtssm.metrics.boundary import thin
 
 __all__ = [
     "DenseDataset",
@@ -165,8 +166,6 @@ def laplacian_edges(labels: np.ndarray) -> np.ndarray:
     the 4-neighbour Laplacian of the label map (OpenCV's ``Laplacian`` with ``ksize=1``, borders
     reflected without repeating the edge pixel) is non-zero, thinned to one-pixel curves (Guo and
     Hall's thinning, scikit-image's ``thin``)."""
-    from mtssm.metrics.boundary import thin
-
     lap = ndimage.correlate(labels.astype(np.float64), _LAPLACIAN, mode="mirror")
     return thin(lap != 0).view(np.uint8)
 
@@ -393,11 +392,16 @@ class PASCALContext(DenseDataset):
         return self.root / "JPEGImages" / f"{sample_id}.jpg"
 
     def _label_map(self, sid: str, size: tuple[int, int]) -> np.ndarray:
+        """``LabelMap`` of ``sid`` (read once for its normals and its edges)."""
+        cached = getattr(self, "_last_label_map", None)
+        if cached is not None and cached[0] == sid:
+            return cached[1]
         path = self.root / "pascal-context" / "trainval" / f"{sid}.mat"
         labels = read_mat(path, "LabelMap")
         if labels.ndim != 2:
             raise DataFileError(path, f"LabelMap must be 2-D, got shape {labels.shape}")
         check_size(path, labels, size)
+        self._last_label_map = (sid, labels)
         return labels
 
     def _read_semseg(self, sid: str, size: tuple[int, int]) -> np.ndarray:
