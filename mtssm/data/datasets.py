@@ -49,12 +49,23 @@ import torch
 from mtssm.data.constants import (
     CITYSCAPES_LABEL_TO_TRAIN,
     CITYSCAPES_MAX_DEPTH,
+    DEPTH_RANGE,
     IGNORE_INDEX,
     PASCAL_PERSON_CLASS,
     PASCAL_PERSON_PARTS,
     TASKS_BY_DATASET,
 )
-from mtssm.data.io import DataFileError, check_size, read_image, read_label_png, read_mat, read_npy
+from mtssm.data.io import (
+    DataFileError,
+    check_depth_range,
+    check_finite,
+    check_size,
+    read_image,
+    read_label_png,
+    read_lines,
+    read_mat,
+    read_npy,
+)
 
 __all__ = ["DenseDataset", "NYUDv2", "PASCALContext", "Cityscapes", "decode_normals", "label_edges"]
 
@@ -146,7 +157,7 @@ class DenseDataset(torch.utils.data.Dataset):
     def _split_file_ids(self, path: Path) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"split file not found: {path} (looked for the {self.split!r} split)")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return read_lines(path)
 
     def _require_dir(self, sub: str) -> Path:
         path = self.root / sub
@@ -226,7 +237,11 @@ def _labels(path: Path, size: tuple[int, int], max_value: int, allow_ignore: boo
 def _normals(path: Path, size: tuple[int, int], encoded: bool) -> np.ndarray:
     png = read_label_png(path, channels=3)
     check_size(path, png, size)
-    return np.ascontiguousarray(png) if encoded else decode_normals(png)
+    if encoded:  # decoded (and finite by construction) after augmentation
+        return np.ascontiguousarray(png)
+    normals = decode_normals(png)
+    check_finite(path, normals, "normals")
+    return normals
 
 
 class NYUDv2(DenseDataset):
@@ -256,9 +271,7 @@ class NYUDv2(DenseDataset):
             raise DataFileError(path, f"expected a 2-D depth map, got shape {depth.shape}")
         check_size(path, depth, size)
         depth = depth.astype(np.float32, copy=False)
-        # min is NaN if any value is; two reductions instead of full-size masks
-        if depth.size and not (depth.min() >= 0 and depth.max() < np.inf):
-            raise DataFileError(path, "depth holds negative or non-finite values (expected >= 0 metres)")
+        check_depth_range(path, depth, DEPTH_RANGE[self.name][1])
         return depth
 
     def _read_normals(self, sid: str, size: tuple[int, int]) -> np.ndarray:
