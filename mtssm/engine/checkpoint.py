@@ -341,7 +341,10 @@ def _nonfinite_state(obj: Any, where: str = "") -> str | None:
 def verify_checkpoint(ckpt: str | Path) -> None:
     """Check that both files of checkpoint ``ckpt`` read back as written (checksums) and that every
     weight and optimizer state is finite; raises :class:`CheckpointError` naming the file."""
-    folder = resolve_checkpoint(ckpt)
+    _verify_folder(resolve_checkpoint(ckpt))
+
+
+def _verify_folder(folder: Path) -> None:
     _, meta = _read_weights(folder, finite=True)
     state = _read_state(folder, meta)
     bad = _nonfinite_state(state.get("optimizer", {}))
@@ -378,7 +381,7 @@ def newest_intact_checkpoint(root: str | Path) -> tuple[Path | None, list[str]]:
             skipped.append(f"{pointer}: names no checkpoint folder ({name[:40]!r})")
     for folder in folders:
         try:
-            verify_checkpoint(folder)
+            _verify_folder(folder)
         except CheckpointError as exc:
             skipped.append(str(exc))
             continue
