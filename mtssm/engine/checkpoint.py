@@ -44,6 +44,7 @@ __all__ = [
     "MODEL_FILE",
     "STATE_FILE",
     "CheckpointError",
+    "has_checkpoints",
     "latest_checkpoint",
     "load_model_weights",
     "load_train_state",
@@ -356,13 +357,22 @@ def _step_folders(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)), reverse=True)
 
 
-def newest_intact_checkpoint(root: str | Path) -> tuple[Path | None, list[str]]:
+def has_checkpoints(root: str | Path) -> bool:
+    """Whether ``root`` holds any checkpoint folder, intact or not (what a fresh run must not
+    overwrite, even where ``latest`` is missing or damaged)."""
+    root = Path(root)
+    return root.is_dir() and bool(_step_folders(root))
+
+
+def newest_intact_checkpoint(root: str | Path, repair: bool = False) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume from under ``root``, and one line per newer checkpoint it skipped.
 
     That is the one ``latest`` names when :func:`verify_checkpoint` passes, else the newest older
     one that passes (all of them, newest first, when ``latest`` is missing or names no folder).
     Folders newer than ``latest`` are never taken: they belong to a run killed before it named them.
-    Returns ``(None, skipped)`` when no checkpoint is intact.
+    With ``repair``, ``latest`` is pointed (atomically) at the checkpoint found when anything was
+    skipped, so that eval and predict on the run folder take it too. Returns ``(None, skipped)`` when
+    no checkpoint is intact.
     """
     root = Path(root)
     if not root.is_dir():
@@ -385,6 +395,8 @@ def newest_intact_checkpoint(root: str | Path) -> tuple[Path | None, list[str]]:
         except CheckpointError as exc:
             skipped.append(str(exc))
             continue
+        if repair and skipped:
+            _write_text_atomic(pointer, folder.name + "\n")
         return folder, skipped
     return None, skipped
 

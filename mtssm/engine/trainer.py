@@ -259,7 +259,7 @@ def train(
     device = pick_device(t.device, info)
     out = Path(out_dir)
     ckpt_root = out / "checkpoints"
-    if not resume and ckpt.latest_checkpoint(ckpt_root) is not None:
+    if not resume and ckpt.has_checkpoints(ckpt_root):
         raise FileExistsError(
             f"{out} already holds checkpoints; pass --resume to continue that run, or choose another --out"
         )
@@ -293,7 +293,7 @@ def train(
     step = 0
     last_ckpt: Path | None = None
     if resume:
-        last_ckpt, skipped = ckpt.newest_intact_checkpoint(ckpt_root)
+        last_ckpt, skipped = ckpt.newest_intact_checkpoint(ckpt_root, repair=info.is_main)
         if info.is_main:
             for line in skipped:
                 echo(f"skipped a damaged checkpoint: {line}")
