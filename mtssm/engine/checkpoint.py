@@ -257,6 +257,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         latest = latest_checkpoint(candidate)
         if latest is not None:
             return latest
+        if has_checkpoints(candidate):  # checkpoint folders, but `latest` is missing or damaged
+            raise CheckpointError(
+                candidate / LATEST, f"names no complete checkpoint; name one of the folders (newest: "
+                f"{_step_folders(candidate)[0]}), or resume the run, which repairs it"
+            )
     raise FileNotFoundError(
         f"no checkpoint at {str(p)!r}: expected a run folder, a checkpoint folder holding "
         f"{MODEL_FILE}, or a {MODEL_FILE} file"

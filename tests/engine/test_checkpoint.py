@@ -152,6 +152,8 @@ def test_newest_intact_checkpoint_skips_damaged_ones_and_says_why(tmp_path):
     assert len(skipped) == 2 and str(truncated) in skipped[0] and str(paths[2] / ckpt.STATE_FILE) in skipped[1]
     (tmp_path / "latest").write_bytes(b"\xff\xfe garbage")  # a damaged pointer: every folder is a candidate
     assert ckpt.latest_checkpoint(tmp_path) is None
+    with pytest.raises(ckpt.CheckpointError, match=f"{tmp_path / 'latest'}: names no complete checkpoint"):
+        ckpt.resolve_checkpoint(tmp_path)
     found, skipped = ckpt.newest_intact_checkpoint(tmp_path, repair=True)
     assert found == paths[1] and "names no checkpoint" in skipped[0]
     assert ckpt.latest_checkpoint(tmp_path) == paths[1]  # repaired: eval on the run folder takes it

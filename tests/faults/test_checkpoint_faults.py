@@ -80,6 +80,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(run_copy, trained_run
         _poison(run_copy)
     else:  # a `latest` that names nothing: every checkpoint folder is a candidate, the newest intact wins
         pointer.write_bytes(b"\xff\xfe\x00")
+        assert_one_line_error(cli("eval", run_copy, "--data-root", tiny_data), pointer, "names no complete checkpoint")
     older = {k: v for k, v in snapshot(run_copy).items() if "step_00000003" not in k and k.startswith("checkpoints/")}
     older.pop("checkpoints/latest")
 
