@@ -109,3 +109,13 @@ CITYSCAPES_FX: Final[float] = 2262.52
 #: File that :func:`mtssm.data.render_scenes` writes at the root of a rendered dataset (the
 #: official layouts have no such file); evaluation reads it to know the scenes are rendered.
 RENDER_MARKER: Final[str] = "mtssm_rendered.json"
+
+#: Cityscapes depth range in metres (``depth_target="metres"``): 0 < d < 80 is valid, anything else
+#: becomes 0 (invalid).
+CITYSCAPES_MAX_DEPTH: Final[float] = 80.0
+
+#: Depth a dataset's sensor can measure, in metres: stored depth is 0 (no reading) or within
+#: ``(0, max]``; anything else (a wrong unit, a fill value, an overflow) is not a measurement.
+#: NYUDv2: the Kinect v1 reports 0..10 m (libfreenect's millimetre depth is 0..10000).
+#: Cityscapes: its loader keeps only depth below 80 m (:data:`CITYSCAPES_MAX_DEPTH`).
+DEPTH_RANGE: Final[dict[str, tuple[float, float]]] = {"nyud": (0.0, 10.0), "cityscapes": (0.0, CITYSCAPES_MAX_DEPTH)}

@@ -70,6 +70,8 @@ from mtssm.data.constants import (
     CITYSCAPES_BASELINE,
     CITYSCAPES_FX,
     CITYSCAPES_LABEL_TO_TRAIN,
+    CITYSCAPES_MAX_DEPTH,
+    DEPTH_RANGE,
     IGNORE_INDEX,
     PASCAL_NORMALS_VALID_CLASSES,
     PASCAL_PERSON_CLASS,
@@ -77,7 +79,16 @@ from mtssm.data.constants import (
     RENDER_MARKER,
     TASKS_BY_DATASET,
 )
-from mtssm.data.io import DataFileError, check_size, read_image, read_label_png, read_mat, read_npy
+from mtssm.data.io import (
+    DataFileError,
+    check_depth_range,
+    check_size,
+    read_image,
+    read_label_png,
+    read_lines,
+    read_mat,
+    read_npy,
+)
 from mtssm.metrics.boundary import thin
 
 __all__ = [
@@ -237,7 +248,7 @@ class DenseDataset(torch.utils.data.Dataset):
     def _split_file_ids(self, path: Path) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"split file not found: {path} (looked for the {self.split!r} split)")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return read_lines(path)
 
     def _require_dir(self, sub: str) -> Path:
         path = self.root / sub
@@ -354,9 +365,7 @@ class NYUDv2(DenseDataset):
             raise DataFileError(path, f"expected a 2-D depth map, got shape {depth.shape}")
         check_size(path, depth, size)
         depth = depth.astype(np.float32, copy=False)
-        # min is NaN if any value is; two reductions instead of full-size masks
-        if depth.size and not (depth.min() >= 0 and depth.max() < np.inf):
-            raise DataFileError(path, "depth holds negative or non-finite values (expected >= 0 metres)")
+        check_depth_range(path, depth, DEPTH_RANGE[self.name][1])
         return depth
 
     def _read_normals(self, sid: str, size: tuple[int, int]) -> np.ndarray:
@@ -514,5 +523,5 @@ class Cityscapes(DenseDataset):
                 raise DataFileError(cam, f"expected extrinsic.baseline and intrinsic.fx ({exc})") from None
         with np.errstate(divide="ignore"):
             depth = np.where(disparity > 0, baseline * fx / disparity, 0.0)
-        depth[(depth <= 0) | (depth >= 80.0)] = 0.0
+        depth[(depth <= 0) | (depth >= CITYSCAPES_MAX_DEPTH)] = 0.0
         return depth.astype(np.float32)
