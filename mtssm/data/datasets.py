@@ -52,9 +52,9 @@ from mtssm.data.constants import (
     IGNORE_INDEX,
     PASCAL_PERSON_CLASS,
     PASCAL_PERSON_PARTS,
-    TASKS_BY_DATASET,
 )
 from mtssm.data.io import DataFileError, check_size, read_image, read_label_png, read_mat, read_npy
+from mtssm.tasks import dataset_tasks
 
 __all__ = ["DenseDataset", "NYUDv2", "PASCALContext", "Cityscapes", "decode_normals", "label_edges"]
 
@@ -105,7 +105,7 @@ def label_edges(labels: np.ndarray) -> np.ndarray:
 class DenseDataset(torch.utils.data.Dataset):
     """Shared logic: argument checks, split ids, error policy, transforms.
 
-    Subclasses set ``name`` (a key of ``TASKS_BY_DATASET``) and implement ``_ids`` and the
+    Subclasses set ``name`` (a dataset of the task table :mod:`mtssm.tasks`) and implement ``_ids`` and the
     per-task readers ``_read_<task>(sample_id, size)``.
     """
 
@@ -125,7 +125,7 @@ class DenseDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{type(self).__name__} root folder not found: {self.root}")
         if split not in self.splits:
             raise ValueError(f"split must be one of {self.splits}, got {split!r}")
-        available = TASKS_BY_DATASET[self.name]
+        available = dataset_tasks(self.name)
         tasks = tuple(available if tasks is None else tasks)
         unknown = [t for t in tasks if t not in available]
         if unknown:

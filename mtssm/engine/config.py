@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from mtssm.tasks import DATASETS, dataset_tasks
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -41,9 +43,6 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A recipe that does not match the schema: unknown key, wrong type or invalid value."""
-
-
-DATASETS = ("nyud", "pascal", "cityscapes")
 
 
 @dataclass
@@ -148,7 +147,7 @@ class RecipeConfig:
 
 # Allowed values of the string fields that name one of a fixed set of things.
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": DATASETS,
+    "data.dataset": tuple(DATASETS),
     "optim.name": ("adam", "adamw", "sgd"),
     "schedule.name": ("poly", "constant"),
     "train.precision": ("fp32", "bf16"),
@@ -244,9 +243,7 @@ def _check_values(cfg: RecipeConfig) -> None:
         if value not in choices:
             raise ConfigError(f"{key}: unknown value {value!r}; valid values: {', '.join(choices)}")
     d, t, o, s = cfg.data, cfg.train, cfg.optim, cfg.schedule
-    from mtssm.data.constants import TASKS_BY_DATASET
-
-    known = TASKS_BY_DATASET[d.dataset]
+    known = dataset_tasks(d.dataset)
     for task in d.tasks or ():
         if task not in known:
             raise ConfigError(
