@@ -185,12 +185,30 @@ class DenseDataset(torch.utils.data.Dataset):
         sample["meta"] = {"id": sample_id, "size": (int(size[0]), int(size[1]))}
         return None if errors else sample
 
-    def __getitem__(self, index: int | tuple[int, int]) -> Sample | None:
-        if isinstance(index, tuple):
-            index, seed = index
-            rng = np.random.default_rng(seed)
-        else:
-            rng = np.random.default_rng()
+    @property
+    def supports_compact(self) -> bool:
+        """Whether :meth:`sample` can give compact samples: ``transforms`` offer a compact variant
+        (``with_compact_output()``, as the pipelines of :func:`mtssm.data.build_dataset` do)."""
+        return self._compact_transforms() is not None
+
+    def _compact_transforms(self) -> Transform | None:
+        variant = getattr(self.transforms, "with_compact_output", None)
+        return None if variant is None else variant()
+
+    def sample(self, index: int, seed: int | None = None, *, compact: bool = False) -> Sample | None:
+        """Sample ``index`` through ``transforms``, augmented with ``np.random.default_rng(seed)``
+        (fresh entropy when ``seed`` is None).
+
+        ``compact=True`` ends with ``ToTensor(compact=True)`` instead of ``ToTensor()``: small
+        dtypes for a cheap trip between processes, turned into the usual batch by
+        :func:`mtssm.data.loader.finalize_batch` (needs :attr:`supports_compact`). Returns None
+        for a sample skipped under ``on_error="skip"``.
+        """
+        transforms = self.transforms
+        if compact:
+            transforms = self._compact_transforms()
+            if transforms is None:
+                raise ValueError(f"{type(self).__name__}: compact samples need transforms ending with ToTensor()")
         if not 0 <= index < len(self.ids):
             raise IndexError(f"index {index} out of range for {len(self.ids)} samples")
         try:
@@ -201,7 +219,13 @@ class DenseDataset(torch.utils.data.Dataset):
             self.skipped += 1
             warnings.warn(f"skipping sample {self.ids[index]!r}: {exc}", stacklevel=2)
             return None
-        return sample if self.transforms is None else self.transforms(sample, rng)
+        return sample if transforms is None else transforms(sample, np.random.default_rng(seed))
+
+    def __getitem__(self, index: int | tuple[int, int]) -> Sample | None:
+        """``dataset[i]`` or ``dataset[(i, seed)]``: :meth:`sample` ``i`` (seeded with ``seed``)."""
+        if isinstance(index, tuple):
+            return self.sample(*index)
+        return self.sample(index)
 
     def __repr__(self) -> str:
         return (
