@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from mtssm.engine.predict import load_model_from_checkpoint
+
 __all__ = ["default_export_size", "export_checkpoint"]
 
 
@@ -35,8 +37,6 @@ def export_checkpoint(
 
     ``size`` defaults to :func:`default_export_size` of the checkpoint's recipe.
     """
-    from mtssm.engine.predict import load_model_from_checkpoint
-
     model, cfg, _ = load_model_from_checkpoint(ckpt)
     h, w = size or default_export_size(cfg)
     if h % 32 or w % 32 or h <= 0 or w <= 0:

@@ -16,6 +16,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
+from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from mtssm.engine.build import build_model
+from mtssm.engine.checkpoint import load_model_weights, read_checkpoint_config
+from mtssm.engine.config import config_from_dict
+
 __all__ = [
     "colorize",
     "load_image",
@@ -80,8 +85,6 @@ def colorize(task: str, pred: Tensor) -> Image.Image:
 
 def load_image(path: str | Path) -> tuple[Image.Image, Tensor]:
     """The RGB image at ``path`` and its normalised tensor ``(3, H, W)`` (ImageNet statistics)."""
-    from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
@@ -144,10 +147,6 @@ def load_model_from_checkpoint(ckpt: str | Path, device: str | torch.device = "c
 
     Returns ``(model in eval mode, RecipeConfig, step)``.
     """
-    from mtssm.engine.build import build_model
-    from mtssm.engine.checkpoint import load_model_weights, read_checkpoint_config
-    from mtssm.engine.config import config_from_dict
-
     data, step = read_checkpoint_config(ckpt)
     cfg = config_from_dict(data)
     model = build_model(cfg)  # built for real: non-persistent buffers are not in the checkpoint
@@ -167,8 +166,6 @@ def predict_images(model: nn.Module, images: Sequence[str | Path], out_dir: str 
 
 def _to_pil(image: Tensor) -> Image.Image:
     """Undo the ImageNet normalisation of ``(3, H, W)`` and return an RGB image."""
-    from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD
-
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     rgb = (image.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
