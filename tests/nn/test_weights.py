@@ -199,6 +199,21 @@ def test_google_npz_vit_loads_and_matches_flax_forward(tmp_path, prefix):
         torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-4, msg=f"level {i}")
 
 
+def test_vit_non_square_grid_takes_pamm_position_rows(tmp_path):
+    """PAMM trains its ViT on a non-square grid (28 x 36 on NYUDv2) and keeps a class-token row."""
+    vit = create_encoder("vit_large", **{**VIT, "img_size": (32, 48)}, class_token=False)
+    assert vit.grid_size == (2, 3)
+    rows = torch.randn(1, 1 + 6, 32)
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in vit.state_dict().items()}
+    state["pos_embed"] = rows
+    save_file(state, tmp_path / "vit.safetensors")
+    res = load_encoder_weights(vit, tmp_path / "vit.safetensors")
+    assert res.ok and res.resampled == ["pos_embed"]
+    torch.testing.assert_close(vit.pos_embed, rows[:, 1:])
+
+
 def test_vit_without_class_token_drops_the_files(tmp_path):
     """PAMM's ViT has no class token: the file's token and its position row are dropped."""
     arrays = google_vit_arrays(np.random.default_rng(1))
@@ -335,3 +350,96 @@ def test_unknown_truncated_and_non_weights_files_get_one_line(tmp_path):
         assert "\n" not in str(err.value) and str(path) in str(err.value)
     with pytest.raises(ValueError, match=r"unknown weights layout for MultiTaskModel \(tried mtssm, mtmamba-official"):
         load_model_weights(tiny_model("mtmamba_swin_large_nyud", 0), good)
+
+
+# --------------------------------------------------------------------------- official PAMM
+
+_PAMM_BLOCK_NAMES = {
+    "task_conv": "task_conv", "task_norm": "task_input_norm0", "gate_proj": "proj_z0", "in_proj": "dim_expand_proj_x0",
+    "x2dt": "x2dt_proj0", "dt_proj": "dt_proj0", "out_proj": "dim_decrease_proj0",
+}
+_PAMM_ROUTER_NAMES = {
+    "channel_proj": "0.conv1", "channel_norm": "0.ln", "channel_out": "0.conv3", "spatial_norm": "0.ln_sp",
+    "spatial_out": "0.conv2", "head": "1",
+}
+
+
+def to_official_pamm(model, grid: int) -> dict:
+    """PAMM's checkpoint of ``model`` as ``main.py`` saves it (names of models/transformers/PAME.py,
+    MoE_mamba.py and PAME_wrapper.py): the official router's spatial pooling is a Linear(H*W, 1)."""
+    out = {}
+    conv = lambda w: w[..., None, None] if w.ndim == 2 else w  # noqa: E731  (1x1 convs where mtssm has Linears)
+    for key, v in model.state_dict().items():
+        if key == "encoder.pos_embed":  # PAME keeps a class-token row it never uses
+            out["backbone.pos_embed"] = torch.cat([torch.randn(1, 1, v.shape[-1]), v], 1)
+        elif key.startswith("encoder."):
+            out["backbone." + key[len("encoder."):]] = v
+        elif m := re.match(r"decoder\.fusion\.(\w+)\.(.+)", key):
+            out[f"backbone.task_mask.{m.group(1)}.{m.group(2)}"] = v
+        elif m := re.match(r"heads\.(\w+)\.(conv|norm|proj)\.(.+)", key):
+            part = {"conv": "mt_proj.0", "norm": "mt_proj.1", "proj": "linear_pred"}[m.group(2)]
+            out[f"heads.{m.group(1)}.{part}.{m.group(3)}"] = v
+        elif m := re.match(r"decoder\.blocks\.(\d)\.(.+)", key):
+            s, rest = m.groups()
+            pre = f"backbone.stage_MTLoRA_mamba.{s}."
+            if mr := re.match(r"input_(proj|norm)\.(.+)", rest):
+                out[pre + ("first_decode" if mr.group(1) == "proj" else "input_norm") + "." + mr.group(2)] = v
+            elif (mr := re.match(r"(\w+)\.(\w+)\.(weight|bias)$", rest)) and mr.group(1) in _PAMM_BLOCK_NAMES:
+                out[f"{pre}{_PAMM_BLOCK_NAMES[mr.group(1)]}.{mr.group(2)}.{mr.group(3)}"] = v
+            elif mr := re.match(r"([BC])_experts\.(.+)", rest):
+                moe, sub = f"{pre}{mr.group(1)}_proj0.", mr.group(2)
+                if me := re.match(r"(experts|task_paths\.(\w+))\.(down|up)_(weight|bias)", sub):
+                    names = [f"MoE.{e}" for e in range(v.shape[0])] if me.group(1) == "experts" else [f"proj_task.{me.group(2)}"]
+                    for e, name in enumerate(names):
+                        w = v[e]
+                        if me.group(4) == "weight" and w.ndim == 2:  # LoraConv's W and M are convs
+                            w = w[..., None, None]
+                        out[f"{moe}{name}.{'W' if me.group(3) == 'down' else 'M'}.{me.group(4)}"] = w
+                elif me := re.match(r"shared_path\.(.+)", sub):
+                    out[f"{moe}proj_gerneral.{me.group(1)}"] = v
+                elif me := re.match(r"(mix|out)_norms\.(\w+)\.(.+)", sub):
+                    out[f"{moe}{'Bn_all' if me.group(1) == 'mix' else 'Bn'}.{me.group(2)}.{me.group(3)}"] = v
+                elif me := re.match(r"routers\.(\w+)\.(\w+)\.(weight|bias)", sub):
+                    if me.group(2) != "spatial_logits":
+                        w = conv(v) if me.group(3) == "weight" and me.group(2) in ("channel_out", "spatial_out", "head") else v
+                        out[f"{moe}router.{me.group(1)}.{_PAMM_ROUTER_NAMES[me.group(2)]}.{me.group(3)}"] = w
+            elif rest.startswith("local_conv."):  # the official block runs a MoE conv here and drops its output
+                t = rest.split(".")[1]
+                out[f"{pre}conv2d0.proj_task.{t}.W.weight"] = torch.randn(2, 8, 3, 3)
+    for s in range(4):
+        for bc in "BC":
+            for t in model.tasks:
+                out[f"backbone.stage_MTLoRA_mamba.{s}.{bc}_proj0.router.{t}.0.convsp.weight"] = torch.randn(1, grid * grid)
+                out[f"backbone.stage_MTLoRA_mamba.{s}.{bc}_proj0.router.{t}.0.convsp.bias"] = torch.randn(1)
+    return {f"module.{k}": v for k, v in out.items()}
+
+
+def test_official_pamm_checkpoint_layout(tmp_path):
+    """Every tensor of PAMM's checkpoint lands where mtssm keeps it; what mtssm's PAMM has no place
+    for (the official router's Linear(H*W, 1) spatial pooling) is named, one line, and A_log / D
+    (never saved) get the official constants."""
+    vit = dict(embed_dim=32, depth=4, num_heads=2, img_size=32, patch_size=16, class_token=False)
+    torch.manual_seed(0)
+    src = perturb(create_model("pamm_tiny", encoder="vit_large", encoder_kwargs=vit, tasks=("semseg", "depth"),
+                               dim=64, expert_rank=4, task_rank=4)).eval()
+    path = tmp_path / "PAMM_nyud.pth"
+    torch.save({"model": to_official_pamm(src, grid=2), "optimizer": {"state": {}, "param_groups": []},
+                "epoch": 3, "iter_count": 7}, path)
+    dst = create_model("pamm_tiny", encoder="vit_large", encoder_kwargs=vit, tasks=("semseg", "depth"),
+                       dim=64, expert_rank=4, task_rank=4).eval()
+    with pytest.raises(ValueError, match=r"pamm-official layout\): 32 missing keys \[decoder\.blocks\.0\.B_experts\.routers\.semseg\.spatial_logits") as err:
+        load_model_weights(dst, path)
+    assert "\n" not in str(err.value)
+    res = load_model_weights(dst, path, strict=False)
+    assert res.layout == "pamm-official" and (res.mean, res.std) == IMAGENET
+    assert all(k.endswith(("convsp.weight", "convsp.bias")) for k in res.unexpected) and len(res.unexpected) == 32
+    assert all(".spatial_logits." in k for k in res.missing) and not res.mismatched
+    assert sorted(res.defaults) == sorted(f"decoder.blocks.{s}.{p}.{t}" for s in range(4) for p in ("A_log", "D") for t in ("semseg", "depth"))
+    assert all(".prior_" in k or ".local_conv." in k for k in res.absent)
+    assert any(".conv2d0." in k for k in res.ignored) and "encoder.pos_embed" in res.resampled
+    torch.testing.assert_close(dst.decoder.blocks[2].A_log["depth"][5], torch.log(torch.arange(1.0, 5.0)))
+    skip = set(res.missing) | set(res.absent) | set(res.defaults)
+    src_state = src.state_dict()
+    for key, value in dst.state_dict().items():
+        if key not in skip:
+            torch.testing.assert_close(value, src_state[key], msg=key)
