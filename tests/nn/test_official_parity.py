@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mtssm.nn import create_model
-from mtssm.nn.weights import IMAGENET, load_model_weights
+from mtssm.nn.weights import IMAGENET, load_encoder_weights, load_model_weights
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "official"
 RTOL = 1e-4
@@ -47,7 +47,14 @@ def test_official_mtmamba_outputs(name, registered):
     cfg = dict(io["config"])
     model = create_model(registered, encoder="swin_tiny", **cfg).eval()
     report = load_model_weights(model, path)
-    assert report.ok and report.layout == name.replace("mtmamba", "mtmamba", 1) + "-official", report.summary()
+    assert report.ok and report.layout == f"{name}-official", report.summary()
     assert (report.mean, report.std) == IMAGENET
     assert not report.absent and not report.defaults
     assert_outputs_match(model, io)
+    # the same file as encoder weights: its mmseg Swin under backbone., the decoder set aside
+    encoder = create_model(registered, encoder="swin_tiny", **cfg).encoder
+    enc_report = load_encoder_weights(encoder, path)
+    assert enc_report.ok and enc_report.layout == "swin-mmseg" and not enc_report.absent
+    assert any(k.startswith("module.final_project.") for k in enc_report.ignored)
+    for key, value in encoder.state_dict().items():
+        torch.testing.assert_close(value, model.encoder.state_dict()[key], rtol=0, atol=0, msg=key)

@@ -72,12 +72,13 @@ def strip_prefixes(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _encoder_part(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
     """The encoder's tensors of a whole-model file (``backbone.*`` / ``encoder.*``), and the rest."""
-    tensors = strip_prefixes(tensors)
+    stripped = strip_prefixes(tensors)
+    shared = next(iter(tensors))[: -len(next(iter(stripped)))] if stripped else ""  # e.g. "module."
     for prefix in ("backbone.", "encoder."):
-        inside = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if inside and len(inside) < len(tensors):
-            return inside, sorted(k for k in tensors if not k.startswith(prefix))
-    return tensors, []
+        inside = {k[len(prefix) :]: v for k, v in stripped.items() if k.startswith(prefix)}
+        if inside and len(inside) < len(stripped):
+            return inside, sorted(shared + k for k in stripped if not k.startswith(prefix))
+    return stripped, []
 
 
 def mmseg_merge_to_official(value: Tensor) -> Tensor:
