@@ -179,11 +179,11 @@ def evaluate(ckpt: Path, data_root: Path | None, data: str | None, out: Path | N
 @_one_line_errors
 def predict(ckpt: Path, images: tuple[Path, ...], out: Path) -> None:
     """Write one PNG per task per IMAGE, and a side-by-side sheet, into --out."""
-    from mtssm.engine.predict import load_model_from_checkpoint, predict_images
+    from mtssm.engine.predict import load_model_from_checkpoint, output_stems, predict_images
 
     model, _, _ = load_model_from_checkpoint(ckpt)
     files = predict_images(model, images, out)
-    click.echo(f"wrote {len(files)} images to {out}")
+    click.echo(f"wrote {len(files)} files for {len(output_stems(images))} images to {out}")
 
 
 @click.command("export")
