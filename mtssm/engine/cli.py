@@ -11,12 +11,28 @@ Every expected failure (unknown recipe, key or value; missing dataset; NaN loss)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+import torch
+import yaml
+
+from mtssm.engine.build import build_components, build_eval_set, load_recipe, resolve_data_root
+from mtssm.engine.checkpoint import resolve_checkpoint
+from mtssm.engine.config import RecipeConfig, config_to_dict, load_recipe_file
+from mtssm.engine.distributed import barrier, cleanup, init_distributed
+from mtssm.engine.evaluate import evaluate_recipe, format_table, write_result
+from mtssm.engine.export import deploy_commands, export_checkpoint
+from mtssm.engine.predict import load_model_from_checkpoint, output_stems, predict_dataset, predict_images
+from mtssm.engine.lock import RunFolderBusyError, lock_run_folder
+from mtssm.engine.trainer import NonFiniteError, train
+from mtssm.nn import create_model, list_models
+from mtssm.recipes import list_recipes
+from mtssm.runtime import keep_freed_memory
 
 __all__ = ["evaluate", "export", "models", "predict", "recipe"]
 
@@ -26,21 +42,12 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from mtssm.engine.trainer import NonFiniteLossError
-
         try:
             return fn(*args, **kwargs)
-        except (ValueError, TypeError, FileNotFoundError, FileExistsError, NonFiniteLossError) as exc:
+        except (ValueError, TypeError, FileNotFoundError, FileExistsError, NonFiniteError, RunFolderBusyError) as exc:
             raise click.ClickException(" ".join(str(exc).split())) from None
 
     return wrapper
-
-
-def _load(name: str, overrides: tuple[str, ...]) -> Any:
-    from mtssm.engine.config import load_recipe_file
-    from mtssm.recipes import find_recipe
-
-    return load_recipe_file(find_recipe(name), overrides)
 
 
 @click.group("recipe")
@@ -52,9 +59,6 @@ def recipe() -> None:
 @_one_line_errors
 def recipe_list() -> None:
     """List the packaged recipes."""
-    from mtssm.engine.config import load_recipe_file
-    from mtssm.recipes import list_recipes
-
     rows = []
     for name, path in list_recipes().items():
         cfg = load_recipe_file(path)
@@ -70,11 +74,7 @@ def recipe_list() -> None:
 @_one_line_errors
 def recipe_show(name: str, overrides: tuple[str, ...]) -> None:
     """Print the resolved config of recipe NAME (a name or a YAML file)."""
-    import yaml
-
-    from mtssm.engine.config import config_to_dict
-
-    click.echo(yaml.safe_dump(config_to_dict(_load(name, overrides)), sort_keys=False).rstrip())
+    click.echo(yaml.safe_dump(config_to_dict(load_recipe(name, overrides)), sort_keys=False).rstrip())
 
 
 @recipe.command("run")
@@ -90,12 +90,7 @@ def recipe_show(name: str, overrides: tuple[str, ...]) -> None:
 def recipe_run(name: str, data_root: Path | None, data: str | None, overrides: tuple[str, ...],
                out: Path | None, resume: bool) -> None:
     """Train recipe NAME, then evaluate and write prediction PNGs. Works under torchrun (DDP)."""
-    from mtssm.engine.build import build_eval_set, resolve_data_root
-    from mtssm.engine.distributed import barrier, cleanup, init_distributed
-    from mtssm.engine.trainer import train
-    from mtssm.runtime import keep_freed_memory
-
-    cfg = _load(name, overrides)
+    cfg = load_recipe(name, overrides)
     keep_freed_memory()  # the same large tensors every step: reuse them, do not page-fault them anew
     out = out or Path("runs") / cfg.name
     info = init_distributed(cfg.train.device)
@@ -106,28 +101,17 @@ def recipe_run(name: str, data_root: Path | None, data: str | None, overrides: t
         if not info.is_main:
             root = resolve_data_root(cfg, data_root, data, echo=lambda _: None)
         cfg.data.root = str(Path(root).resolve())  # checkpoints remember where the data was
-        result = train(cfg, out, resume=resume, data_root=root, echo=click.echo)
-        if info.is_main:
-            _final_eval(cfg, result.model, result.components.eval_set or build_eval_set(cfg, root), out)
+        with lock_run_folder(out) if info.is_main else contextlib.nullcontext():  # training and evaluation
+            result = train(build_components(cfg, root), out, resume=resume, echo=click.echo)
+            if info.is_main:
+                _final_eval(cfg, result.model, result.components.eval_set or build_eval_set(cfg, root), out)
         barrier()
     finally:
         cleanup()
 
 
-def _final_eval(cfg: Any, model: Any, eval_set: Any, out: Path) -> None:
-    import torch
-
-    from mtssm.engine.evaluate import evaluate as run_eval
-    from mtssm.engine.evaluate import format_table, write_result
-    from mtssm.engine.predict import predict_dataset
-
-    device = next(model.parameters()).device
-    result = run_eval(
-        model, eval_set, tasks=list(model.tasks) if hasattr(model, "tasks") else cfg.data.tasks,
-        dataset_name=cfg.data.dataset, batch_size=cfg.data.eval_batch_size, device=device,
-        precision=cfg.train.precision, max_batches=cfg.eval.max_batches, baselines=cfg.eval.baselines,
-        edge_thresholds=cfg.eval.edge_thresholds,
-    )
+def _final_eval(cfg: RecipeConfig, model: torch.nn.Module, eval_set: Any, out: Path) -> None:
+    result = evaluate_recipe(cfg, model, eval_set)
     click.echo(format_table(result))
     write_result(result, out)
     if cfg.eval.predict_samples:
@@ -147,25 +131,11 @@ def _final_eval(cfg: Any, model: Any, eval_set: Any, out: Path) -> None:
 def evaluate(ckpt: Path, data_root: Path | None, data: str | None, out: Path | None,
              max_batches: int | None) -> None:
     """Evaluate checkpoint CKPT: print and write the metric table with Δm."""
-    from mtssm.engine.build import build_eval_set, resolve_data_root
-    from mtssm.engine.checkpoint import resolve_checkpoint
-    from mtssm.engine.evaluate import evaluate as run_eval
-    from mtssm.engine.evaluate import format_table, write_result
-    from mtssm.engine.predict import load_model_from_checkpoint
-    from mtssm.runtime import keep_freed_memory
-
-    import torch
-
     keep_freed_memory()  # as in training: every batch reuses the same large buffers
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg, step = load_model_from_checkpoint(ckpt, device=device)
     root = resolve_data_root(cfg, data_root, data, echo=click.echo)
-    result = run_eval(
-        model, build_eval_set(cfg, root), tasks=list(model.tasks), dataset_name=cfg.data.dataset,
-        batch_size=cfg.data.eval_batch_size, device=device, precision=cfg.train.precision,
-        max_batches=cfg.eval.max_batches if max_batches is None else max_batches,
-        baselines=cfg.eval.baselines, edge_thresholds=cfg.eval.edge_thresholds,
-    )
+    result = evaluate_recipe(cfg, model, build_eval_set(cfg, root), device=device, max_batches=max_batches)
     click.echo(f"{cfg.name} at step {step}:")
     click.echo(format_table(result))
     paths = write_result(result, out or resolve_checkpoint(ckpt))
@@ -179,8 +149,6 @@ def evaluate(ckpt: Path, data_root: Path | None, data: str | None, out: Path | N
 @_one_line_errors
 def predict(ckpt: Path, images: tuple[Path, ...], out: Path) -> None:
     """Write one PNG per task per IMAGE, and a side-by-side sheet, into --out."""
-    from mtssm.engine.predict import load_model_from_checkpoint, output_stems, predict_images
-
     model, _, _ = load_model_from_checkpoint(ckpt)
     files = predict_images(model, images, out)
     click.echo(f"wrote {len(files)} files for {len(output_stems(images))} images to {out}")
@@ -195,8 +163,6 @@ def predict(ckpt: Path, images: tuple[Path, ...], out: Path) -> None:
 @_one_line_errors
 def export(ckpt: Path, out: Path, size: str | None, fmt: str) -> None:
     """Export checkpoint CKPT with torch.export, or compile it with AOTInductor (--format aoti)."""
-    from mtssm.engine.export import export_checkpoint
-
     hw = None
     if size is not None:
         try:
@@ -207,8 +173,6 @@ def export(ckpt: Path, out: Path, size: str | None, fmt: str) -> None:
     path = export_checkpoint(ckpt, out, size=hw, format=fmt)
     click.echo(f"wrote {path}")
     if fmt == "aoti":
-        from mtssm.engine.export import deploy_commands
-
         click.echo("build and run the C++ program (no Python in its process):")
         for line in deploy_commands(path):
             click.echo(f"  {line}")
@@ -219,10 +183,6 @@ def export(ckpt: Path, out: Path, size: str | None, fmt: str) -> None:
 @_one_line_errors
 def models(pattern: str | None) -> None:
     """List the registered models with their parameter counts (counted on the meta device)."""
-    import torch
-
-    from mtssm.nn import create_model, list_models
-
     names = list_models(pattern)
     width = max((len(n) for n in names), default=0)
     for name in names:

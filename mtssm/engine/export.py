@@ -30,9 +30,15 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from shlex import quote
 
 import torch
 from torch import Tensor, nn
+from torch.utils import cmake_prefix_path
+
+from mtssm._ops import library_path
+from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from mtssm.engine.predict import load_model_from_checkpoint
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -109,8 +115,6 @@ def package_metadata(program: torch.export.ExportedProgram, name: str = "") -> d
     (``C_t`` of each), ``mtssm.input`` (``BxCxHxW``), ``mtssm.mean`` / ``mtssm.std`` (per RGB
     channel, for pixel values in [0, 1]), ``mtssm.model`` (the model's registered name, if given).
     """
-    from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD
-
     spec = program.call_spec.out_spec
     if spec is None or spec.type is not dict:
         raise TypeError("package_metadata: the program must return a dict {task: tensor}")
@@ -163,8 +167,6 @@ def _write_atomically(out: Path, write: Callable[[Path], object]) -> Path:
 
 def _copy_ops_library(out: Path) -> Path:
     """Copy the compiled op library next to the package ``out``; returns the copy's path."""
-    from mtssm._ops import library_path
-
     dest = out.with_name(OPS_LIBRARY_NAME)
     return _write_atomically(dest, lambda tmp: shutil.copyfile(library_path(), tmp))
 
@@ -183,8 +185,6 @@ def export_checkpoint(
     :data:`EXPORT_FORMATS`. With ``"aoti"`` the op library is copied next to ``out`` as
     :data:`OPS_LIBRARY_NAME`.
     """
-    from mtssm.engine.predict import load_model_from_checkpoint
-
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format: expected one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
     out = Path(out)
@@ -204,10 +204,6 @@ def export_checkpoint(
 
 def deploy_commands(package: str | Path, build_dir: str | Path = "build/deploy") -> list[str]:
     """The two shell commands that build the C++ program and run it on ``package``."""
-    from torch.utils import cmake_prefix_path
-
-    from shlex import quote
-
     source = CPP_SOURCE_DIR if CPP_SOURCE_DIR.is_dir() else Path("deploy/cpp")  # else: from a clone
     build = quote(str(build_dir))
     return [

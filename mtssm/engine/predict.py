@@ -16,8 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor, nn
+
+from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from mtssm.engine.build import build_model
+from mtssm.engine.checkpoint import load_model_weights, read_checkpoint_config
+from mtssm.engine.config import config_from_dict
 
 __all__ = [
     "colorize",
@@ -132,10 +137,6 @@ def read_rgb(path: str | Path) -> np.ndarray:
     an image, so that they read as "no image" rather than as black or white. The EXIF orientation
     is applied. Raises a one-line ``FileNotFoundError`` / ``ValueError`` naming the file.
     """
-    from PIL import ImageOps
-
-    from mtssm.data.constants import IMAGENET_MEAN
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
@@ -164,8 +165,6 @@ def read_rgb(path: str | Path) -> np.ndarray:
 def load_image(path: str | Path) -> tuple[Image.Image, Tensor]:
     """The image at ``path`` as 8-bit RGB (for display) and its normalised tensor ``(3, H, W)``
     (ImageNet statistics), from :func:`read_rgb`."""
-    from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD
-
     rgb = read_rgb(path)
     img = Image.fromarray((rgb * 255.0).round().astype(np.uint8))
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
@@ -230,10 +229,6 @@ def load_model_from_checkpoint(ckpt: str | Path, device: str | torch.device = "c
 
     Returns ``(model in eval mode, RecipeConfig, step)``.
     """
-    from mtssm.engine.build import build_model
-    from mtssm.engine.checkpoint import load_model_weights, read_checkpoint_config
-    from mtssm.engine.config import config_from_dict
-
     data, step = read_checkpoint_config(ckpt)
     cfg = config_from_dict(data)
     model = build_model(cfg)  # built for real: non-persistent buffers are not in the checkpoint
@@ -291,8 +286,6 @@ def predict_images(model: nn.Module, images: Sequence[str | Path], out_dir: str 
 
 def _to_pil(image: Tensor) -> Image.Image:
     """Undo the ImageNet normalisation of ``(3, H, W)`` and return an RGB image."""
-    from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD
-
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     rgb = (image.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
