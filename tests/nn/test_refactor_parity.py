@@ -21,10 +21,11 @@ from tests.nn.make_refactor_fixtures import (
 )
 
 RTOL = 1e-5  # relative to each value, and to the largest magnitude of its tensor (as the floor)
-# Gradients below this fraction of the model's largest gradient are rounding noise (a mathematically
-# zero gradient, e.g. of a bias before a normalisation, comes out ~1e-10 and varies with the
-# reduction order of the threaded kernels): they are compared to that floor.
-GRAD_FLOOR = 1e-7
+# Gradients below this fraction of the model's largest gradient are rounding noise: a mathematically
+# zero gradient (a bias before a batch norm) is a sum of many terms that cancel, so its value
+# (seen up to 2e-8 here) follows the reduction order of the threaded kernels, which varies with
+# the thread count and the machine. They are compared to that floor, the same 1e-5 as RTOL.
+GRAD_FLOOR = 1e-5
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, floor: float = 0.0) -> None:
