@@ -58,19 +58,23 @@ def build_dataset(
     crop_size: int | Sequence[int] | None = None,
     tasks: Sequence[str] | None = None,
     on_error: str = "raise",
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> DenseDataset:
     """Dataset ``name`` ("nyud", "pascal" or "cityscapes") with tensor samples.
 
     ``train=True``: random scale [0.5, 2] + crop to ``crop_size`` (default
     :data:`TRAIN_CROP_SIZE` of the dataset), flip, photometric distortion. ``train=False``: no
     resizing; padded to ``crop_size`` if given (the loader pads each batch to a common size).
+    Images are normalised with ``normalization = (mean, std)``: the model's
+    (``model.input_normalization``); None gives the ImageNet statistics.
     """
     if name not in DATASETS:
         raise ValueError(f"dataset name must be one of {sorted(DATASETS)}, got {name!r}")
     if train:
-        transforms = train_transforms(TRAIN_CROP_SIZE[name] if crop_size is None else crop_size)
+        crop = TRAIN_CROP_SIZE[name] if crop_size is None else crop_size
+        transforms = train_transforms(crop, normalization=normalization)
     else:
-        transforms = eval_transforms(crop_size)
+        transforms = eval_transforms(crop_size, normalization=normalization)
     dataset = DATASETS[name](root, split, transforms=transforms, tasks=tasks, on_error=on_error)
     dataset.encoded_normals = True  # decoded by ToTensor after augmentation
     return dataset

@@ -128,9 +128,10 @@ def collate(samples: Sequence[dict[str, Any] | None]) -> TensorDict:
     return td
 
 
-def finalize_batch(batch: TensorDict, pin_memory: bool = False) -> TensorDict:
+def finalize_batch(batch: TensorDict, pin_memory: bool = False,
+                   normalization: tuple[Sequence[float], Sequence[float]] | None = None) -> TensorDict:
     """A compact batch (from ``ToTensor(compact=True)`` samples) -> the batch contract: ``image``
-    uint8 (B, 3, H, W) -> float32 ImageNet-normalised; ``semseg``, ``human_parts``, ``sal`` ->
+    uint8 (B, 3, H, W) -> float32 normalised with ``normalization`` (``(mean, std)``; None: ImageNet's); ``semseg``, ``human_parts``, ``sal`` ->
     int64 (B, H, W); ``edge`` uint8 (B, 1, H, W) -> float32; ``normals`` uint8 (B, 3, H, W) codes
     -> float32 unit vectors (0 where invalid). Keys already in their final dtype, and ``meta``,
     are kept as they are. With ``pin_memory`` every tensor of the result is in pinned memory."""
@@ -146,7 +147,7 @@ def finalize_batch(batch: TensorDict, pin_memory: bool = False) -> TensorDict:
         if key == "meta":
             continue
         if key == "image" and t.dtype == torch.uint8:
-            t = normalize_image(t, out=empty(t, torch.float32))
+            t = normalize_image(t, out=empty(t, torch.float32), normalization=normalization)
         elif (key in _LABEL_KEYS and t.dtype != torch.int64) or (key == "edge" and t.dtype != torch.float32):
             dst = empty(t, torch.int64 if key in _LABEL_KEYS else torch.float32)
             np.copyto(dst.numpy(), t.numpy(), casting="unsafe")  # numpy: one thread, see normalize_image
@@ -168,11 +169,11 @@ def finalize_batch(batch: TensorDict, pin_memory: bool = False) -> TensorDict:
 class _FinalizingIterator(Iterator[TensorDict]):
     """Wraps the loader's iterator: each compact batch goes through :func:`finalize_batch`."""
 
-    def __init__(self, it: Iterator[TensorDict], pin_memory: bool) -> None:
-        self._it, self._pin_memory = it, pin_memory
+    def __init__(self, it: Iterator[TensorDict], pin_memory: bool, normalization: Any = None) -> None:
+        self._it, self._pin_memory, self._normalization = it, pin_memory, normalization
 
     def __next__(self) -> TensorDict:
-        return finalize_batch(next(self._it), self._pin_memory)
+        return finalize_batch(next(self._it), self._pin_memory, self._normalization)
 
     def __len__(self) -> int:
         return len(self._it)  # type: ignore[arg-type]
@@ -182,15 +183,17 @@ class _Loader(StatefulDataLoader):
     """:class:`StatefulDataLoader` whose batches go through :func:`finalize_batch` when
     ``finalize_pin_memory`` is not None (the value says whether to pin them)."""
 
-    def __init__(self, *args: Any, finalize_pin_memory: bool | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, finalize_pin_memory: bool | None = None, normalization: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._finalize_pin_memory = finalize_pin_memory
+        self._normalization = normalization
 
     def __iter__(self) -> Iterator[TensorDict]:
         it = super().__iter__()
         if self._finalize_pin_memory is None:
             return it
-        return _FinalizingIterator(it, self._finalize_pin_memory)
+        return _FinalizingIterator(it, self._finalize_pin_memory, self._normalization)
 
 
 def _compact_view(dataset: Dataset) -> Dataset | None:
@@ -205,7 +208,7 @@ def _compact_view(dataset: Dataset) -> Dataset | None:
     if type(last) is not ToTensor or last.compact:  # a subclass may convert differently: keep it
         return None
     view = copy.copy(dataset)
-    view.transforms = Compose(transforms.transforms[:-1] + [ToTensor(compact=True)])
+    view.transforms = Compose(transforms.transforms[:-1] + [ToTensor(compact=True, normalization=last.normalization)])
     return view
 
 
@@ -257,6 +260,7 @@ def make_dataloader(
     return _Loader(
         dataset if compact is None else compact,
         finalize_pin_memory=None if compact is None else pin,
+        normalization=None if compact is None else compact.transforms.transforms[-1].normalization,
         worker_init_fn=_worker_init,
         batch_size=batch_size,
         sampler=SeededSampler(len(dataset), shuffle=train, seed=seed),

@@ -17,6 +17,7 @@ __all__ = [
     "build_components",
     "build_eval_set",
     "build_model",
+    "model_normalization",
     "recipe_tasks",
     "render_cache_dir",
     "rendered_data_root",
@@ -35,14 +36,21 @@ def recipe_tasks(cfg: RecipeConfig) -> list[str]:
     return list(cfg.data.tasks or TASKS_BY_DATASET[cfg.data.dataset])
 
 
-def build_model(cfg: RecipeConfig) -> nn.Module:
-    """The registered model ``model.name`` for the recipe's dataset and tasks, with ``model.args``."""
+def build_model(cfg: RecipeConfig, *, load_weights: bool = True, echo: Any = print) -> nn.Module:
+    """The registered model ``model.name`` for the recipe's dataset and tasks, with ``model.args``.
+
+    With ``load_weights`` the files ``model.encoder_weights`` and ``model.weights`` are loaded
+    (each load's report goes to ``echo``); without, only the architecture is built (to receive a
+    checkpoint's weights).
+    """
     from mtssm.nn import create_model, list_models
 
     if cfg.model.name not in list_models():
         raise ValueError(f"model.name: unknown model {cfg.model.name!r}; valid models: {', '.join(list_models())}")
     args: dict[str, Any] = {"dataset": cfg.data.dataset, "tasks": recipe_tasks(cfg), **cfg.model.args}
-    return create_model(cfg.model.name, **args)
+    if load_weights:
+        args.update(weights=cfg.model.weights, encoder_weights=cfg.model.encoder_weights)
+    return create_model(cfg.model.name, echo=echo, **args)
 
 
 def render_cache_dir(cfg: RecipeConfig) -> Path:
@@ -94,31 +102,47 @@ def _not_found(cfg: RecipeConfig, root: Path, detail: str = "") -> str:
     )
 
 
-def _build_dataset(cfg: RecipeConfig, root: Path, split: str, train: bool) -> Any:
+def _build_dataset(cfg: RecipeConfig, root: Path, split: str, train: bool, normalization: Any = None) -> Any:
     from mtssm.data import build_dataset
 
     crop = tuple(cfg.data.crop_size) if (train and cfg.data.crop_size) else None
     try:
-        return build_dataset(cfg.data.dataset, root, split, train, crop_size=crop, tasks=recipe_tasks(cfg))
+        return build_dataset(cfg.data.dataset, root, split, train, crop_size=crop, tasks=recipe_tasks(cfg),
+                             normalization=normalization)
     except FileNotFoundError as exc:
         raise DatasetNotFoundError(_not_found(cfg, root, f" ({exc})")) from None
 
 
-def build_eval_set(cfg: RecipeConfig, root: str | Path) -> Any:
-    """The evaluation split of the recipe's dataset."""
-    return _build_dataset(cfg, Path(root), cfg.data.eval_split, train=False)
+def model_normalization(model: nn.Module) -> Any:
+    """The ``(mean, std)`` a model wants its inputs normalised with (None: ImageNet's, for a model
+    that does not say)."""
+    return getattr(model, "input_normalization", None)
 
 
-def build_components(cfg: RecipeConfig, data_root: str | Path | None = None) -> Any:
-    """Datasets, model and loss of ``cfg``; call after seeding (the model is initialised here)."""
+def build_eval_set(cfg: RecipeConfig, root: str | Path, normalization: Any = None) -> Any:
+    """The evaluation split of the recipe's dataset, its images normalised with ``normalization``
+    (the model's :func:`model_normalization`; None: ImageNet's)."""
+    return _build_dataset(cfg, Path(root), cfg.data.eval_split, train=False, normalization=normalization)
+
+
+def build_components(cfg: RecipeConfig, data_root: str | Path | None = None, echo: Any = print) -> Any:
+    """Model, datasets and loss of ``cfg``; call after seeding (the model is initialised here).
+
+    Raises a one-line :class:`~mtssm.engine.config.ConfigError` for a paper model given no
+    encoder weights (:func:`~mtssm.engine.config.check_encoder_weights`). The datasets normalise
+    images with the model's statistics.
+    """
+    from mtssm.engine.config import check_encoder_weights
     from mtssm.engine.trainer import Components
     from mtssm.losses import build_task_losses
 
+    check_encoder_weights(cfg)
     root = Path(data_root) if data_root is not None else resolve_data_root(cfg)
     tasks = recipe_tasks(cfg)
-    train_set = _build_dataset(cfg, root, cfg.data.train_split, train=True)
-    eval_set = build_eval_set(cfg, root)
+    model = build_model(cfg, echo=echo)
+    norm = model_normalization(model)
+    train_set = _build_dataset(cfg, root, cfg.data.train_split, train=True, normalization=norm)
+    eval_set = build_eval_set(cfg, root, norm)
     weights = {t: float(cfg.loss.weights.get(t, 1.0)) for t in tasks}
-    loss_fn = build_task_losses(tasks, weights, edge_pos_weight=cfg.loss.edge_pos_weight)
-    model = build_model(cfg)
+    loss_fn = build_task_losses(tasks, weights, edge_pos_weight=cfg.loss.edge_pos_weight, scheme=cfg.loss.scheme)
     return Components(model=model, train_set=train_set, eval_set=eval_set, loss_fn=loss_fn, tasks=tasks)

@@ -78,10 +78,19 @@ def colorize(task: str, pred: Tensor) -> Image.Image:
     return Image.fromarray((p.numpy() * 255).round().astype(np.uint8)).convert("RGB")
 
 
-def load_image(path: str | Path) -> tuple[Image.Image, Tensor]:
-    """The RGB image at ``path`` and its normalised tensor ``(3, H, W)`` (ImageNet statistics)."""
+def _stats(normalization: tuple[Sequence[float], Sequence[float]] | None) -> tuple[Tensor, Tensor]:
+    """``(mean, std)`` as ``(3, 1, 1)`` tensors; None gives the ImageNet statistics."""
     from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD
 
+    mean, std = normalization if normalization is not None else (IMAGENET_MEAN, IMAGENET_STD)
+    return torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+
+def load_image(
+    path: str | Path, normalization: tuple[Sequence[float], Sequence[float]] | None = None
+) -> tuple[Image.Image, Tensor]:
+    """The RGB image at ``path`` and its tensor ``(3, H, W)`` normalised with ``normalization``
+    (``(mean, std)``, the model's ``input_normalization``; None: ImageNet's)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
@@ -90,8 +99,7 @@ def load_image(path: str | Path) -> tuple[Image.Image, Tensor]:
     except OSError as exc:
         raise ValueError(f"image {str(path)!r} cannot be read: {exc}") from None
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = _stats(normalization)
     return img, (x - mean) / std
 
 
@@ -150,7 +158,9 @@ def load_model_from_checkpoint(ckpt: str | Path, device: str | torch.device = "c
 
     data, step = read_checkpoint_config(ckpt)
     cfg = config_from_dict(data)
-    model = build_model(cfg)  # built for real: non-persistent buffers are not in the checkpoint
+    # built for real (non-persistent buffers are not in the checkpoint), without the recipe's
+    # weights files: the checkpoint holds every weight and the input normalisation
+    model = build_model(cfg, load_weights=False, echo=None)
     load_model_weights(model, ckpt)
     return model.to(device).eval(), cfg, step
 
@@ -159,18 +169,16 @@ def predict_images(model: nn.Module, images: Sequence[str | Path], out_dir: str 
     """Predict every image file and write its PNGs into ``out_dir``; returns the written paths."""
     model.eval()
     written: list[Path] = []
+    norm = getattr(model, "input_normalization", None)
     for path in images:
-        img, x = load_image(path)
+        img, x = load_image(path, norm)
         written += save_predictions(img, predict_tensor(model, x), out_dir, Path(path).stem)
     return written
 
 
-def _to_pil(image: Tensor) -> Image.Image:
-    """Undo the ImageNet normalisation of ``(3, H, W)`` and return an RGB image."""
-    from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD
-
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+def _to_pil(image: Tensor, normalization: tuple[Sequence[float], Sequence[float]] | None = None) -> Image.Image:
+    """Undo the normalisation ``(mean, std)`` (None: ImageNet's) of ``(3, H, W)``; an RGB image."""
+    mean, std = _stats(normalization)
     rgb = (image.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
     return Image.fromarray((rgb * 255).round().astype(np.uint8))
 
@@ -179,7 +187,8 @@ def predict_dataset(model: nn.Module, dataset: Sequence, out_dir: str | Path, n:
     """Write the prediction PNGs of the first ``n`` samples of ``dataset`` (stems ``0000``, ...)."""
     model.eval()
     written: list[Path] = []
+    norm = getattr(model, "input_normalization", None)
     for i in range(min(n, len(dataset))):
         image = dataset[i]["image"]
-        written += save_predictions(_to_pil(image), predict_tensor(model, image), out_dir, f"{i:04d}")
+        written += save_predictions(_to_pil(image, norm), predict_tensor(model, image), out_dir, f"{i:04d}")
     return written

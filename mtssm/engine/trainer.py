@@ -40,7 +40,9 @@ __all__ = [
     "PolyWarmup",
     "TrainResult",
     "build_optimizer",
+    "param_groups",
     "pick_device",
+    "sync_batchnorm",
     "seed_everything",
     "train",
 ]
@@ -112,10 +114,28 @@ def pick_device(name: str, info: DistInfo) -> torch.device:
     return torch.device(name)
 
 
+def param_groups(model: nn.Module, weight_decay: float, no_decay_flagged: bool = True) -> list[dict[str, Any]]:
+    """The trainable parameters of ``model`` as optimizer groups.
+
+    With ``no_decay_flagged``, parameters flagged ``_no_weight_decay = True`` (the SSMs' ``A_log``
+    and ``D``, as in Mamba) form a second group with ``weight_decay=0``; otherwise (and when
+    nothing is flagged) one group holds every parameter with ``weight_decay``.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if no_decay_flagged and getattr(p, "_no_weight_decay", False) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
 def build_optimizer(cfg: RecipeConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer the recipe names, over the trainable parameters of ``model``."""
+    """The optimizer the recipe names, over the trainable parameters of ``model`` (grouped by
+    :func:`param_groups`)."""
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(model, o.weight_decay, o.no_decay_flagged)
     if o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     if o.name == "adamw":
@@ -271,7 +291,7 @@ def train(
     if components is None:
         from mtssm.engine.build import build_components
 
-        components = build_components(cfg, data_root)
+        components = build_components(cfg, data_root, echo=echo if info.is_main else (lambda _: None))
     model = components.model.to(device)
     world = info.world_size
     per_rank, rem = divmod(cfg.data.batch_size, t.grad_accum * world)
@@ -315,11 +335,11 @@ def train(
                 echo(f"resumed from {last_ckpt} at step {step}")
     log.truncate_after(step)  # drop records past the checkpoint (all of them on a fresh start)
 
-    train_model: nn.Module = model
+    train_model: nn.Module = sync_batchnorm(model, t.sync_bn, world)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(train_model) if t.compile else train_model
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else contextlib.nullcontext()
@@ -362,8 +382,11 @@ def train(
                     if t.precision != "fp32":  # losses in fp32
                         preds = {k: v.float() for k, v in preds.items()}
                     total, per_task = components.loss_fn(preds, batch)
+                    aux = _aux_losses(model)
+                    if aux:
+                        total = total + _weigh_aux(cfg, aux)
                     (total / t.grad_accum).backward()
-                for k, v in {"loss": total, **per_task}.items():
+                for k, v in {"loss": total, **per_task, **{f"aux/{n}": a for n, a in aux.items()}}.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
             _check_finite({k: v for k, v in sums.items() if k != "loss"} or sums, step + 1, device)
             if t.grad_clip > 0:
@@ -377,7 +400,7 @@ def train(
             bar.update(1)
             if t.log_every and (step % t.log_every == 0 or step == t.steps):
                 record = {"kind": "train", "step": step, "lr": lr, "time_s": time.perf_counter() - tic}
-                record.update({f"loss/{k}" if k != "loss" else k: float(v) for k, v in sums.items()})
+                record.update({k if k == "loss" or "/" in k else f"loss/{k}": float(v) for k, v in sums.items()})
                 log.write(record)
             if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
                 last_ckpt = save(step)
@@ -394,6 +417,31 @@ def train(
         bar.close()
         log.close()
     return TrainResult(out, step, last_ckpt, model, components, history)
+
+
+def sync_batchnorm(model: nn.Module, enabled: bool, world_size: int) -> nn.Module:
+    """``model`` with every batch norm turned into ``SyncBatchNorm`` when ``enabled`` in a run of
+    ``world_size`` > 1 processes (``train.sync_bn``), else ``model`` itself. The conversion keeps
+    the parameter and buffer tensors (so an optimizer built before stays valid) and the state-dict
+    keys."""
+    if not enabled or world_size <= 1:
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def _aux_losses(model: nn.Module) -> dict[str, Tensor]:
+    """The model's auxiliary losses of the last forward (``MultiTaskModel.aux_losses``), if any."""
+    fn = getattr(model, "aux_losses", None)
+    return dict(fn()) if fn is not None else {}
+
+
+def _weigh_aux(cfg: RecipeConfig, aux: Mapping[str, Tensor]) -> Tensor:
+    """``sum_name weight_name * aux_name`` with the recipe's weights (``loss.load_balancing``)."""
+    weights = {"load_balancing": cfg.loss.load_balancing}
+    unknown = sorted(set(aux) - set(weights))
+    if unknown:
+        raise ValueError(f"the model returns auxiliary losses {unknown} that no recipe key weighs")
+    return torch.stack([weights[n] * v.float() for n, v in aux.items()]).sum()
 
 
 def _gather_rng(info: DistInfo) -> Any:
