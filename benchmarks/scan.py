@@ -229,7 +229,7 @@ def main() -> None:
     args = parser.parse_args()
     batch, dim, L, N = (2, 64, 1024, 16) if args.quick else (2, 256, 4096, 16)
     print(f"mtssm scan benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"backend {mtssm.get_scan_backend()}")
+          f"ops library: {mtssm._ops.selective_scan.LIBRARY_PATH or 'none (pure-PyTorch path)'}")
     if "1" in args.sections:
         section_forward_vs_mamba(batch, dim, L, N)
     if "2" in args.sections:

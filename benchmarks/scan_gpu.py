@@ -81,6 +81,8 @@ def main() -> int:
         print("scan_gpu: triton is not installed; pip install 'mtssm[gpu]' (or triton).")
         return 0
     from mtssm._ops import triton_scan as ts
+    from mtssm._ops.mamba_reference import mamba_cuda_available, mamba_selective_scan_cuda
+    from mtssm._ops.scan_inputs import ScanInputs
 
     dev = torch.device("cpu" if args.smoke else "cuda")
     batch, dim, N = args.batch, args.dim, args.d_state
@@ -90,7 +92,7 @@ def main() -> int:
     torch.manual_seed(0)
     gpu = "CPU (interpreter smoke run)" if args.smoke else torch.cuda.get_device_name()
     print(f"device: {gpu} | torch {torch.__version__} | "
-          f"triton {triton.__version__} | mamba-ssm CUDA: {ts.mamba_ssm_available()}")
+          f"triton {triton.__version__} | mamba-ssm CUDA: {mamba_cuda_available()}")
     print(f"shape: batch {batch}, dim {dim}, L {H}x{W}={L}, N {N}, {str(bf16)[6:]}, "
           f"chunk_size {chunk}")
 
@@ -106,12 +108,10 @@ def main() -> int:
 
     def triton_1d(chunk_size=chunk, **tiles):
         def run():
-            out, _, cs = ts.selective_scan_fwd_triton(
-                u, delta[:, None], A[None], B[:, None], C[:, None], D[None], None, dbias[None],
-                None, None, True, chunk_size, **tiles)
-            ts.selective_scan_bwd_triton(
-                dout, None, u, delta[:, None], A[None], B[:, None], C[:, None], D[None], None,
-                dbias[None], None, None, cs, True, chunk_size, **tiles)
+            x = ScanInputs(u, delta[:, None], A[None], B[:, None], C[:, None], D[None], None,
+                           dbias[None], None, None, True, chunk_size)
+            out, _, cs = ts.selective_scan_fwd_triton(x, **tiles)
+            ts.selective_scan_bwd_triton(x, dout, None, cs, **tiles)
         return run
 
     if args.sweep:
@@ -132,32 +132,31 @@ def main() -> int:
         import mtssm
         from mtssm.nn.functional import selective_scan
 
-        previous = mtssm.get_scan_backend()
-        mtssm.set_scan_backend("triton")
         op_leaves = [t.detach().clone().requires_grad_() for t in (u, delta, A, B, C, D, dbias)]
 
         def op_1d():
             uu, dd, AA, BB, CC, DD, bb = op_leaves
             selective_scan(uu, dd, AA, BB, CC, DD, None, bb, delta_softplus=True).backward(dout)
 
+        with mtssm.scan_backend("triton"):
+            t_op = _bench(op_1d)
         print(f"1-D selective scan, fwd+bwd: mtssm.nn.functional.selective_scan (triton backend) "
-              f"{_bench(op_1d):.3f} ms")
-        mtssm.set_scan_backend(previous)
+              f"{t_op:.3f} ms")
     except Exception as e:  # noqa: BLE001  (the package op may not be wired to Triton yet)
         print(f"1-D selective scan through mtssm.nn.functional: not measured ({type(e).__name__}: "
               f"{str(e)[:120]})")
-    if ts.mamba_ssm_available() and not args.smoke:
+    if mamba_cuda_available() and not args.smoke:
         leaves = [t.detach().clone().requires_grad_() for t in (u, delta, A, B, C, D, dbias)]
 
         def mamba_1d():
             uu, dd, AA, BB, CC, DD, bb = leaves
-            out = ts.selective_scan_mamba_cuda(uu, dd, AA, BB, CC, DD, None, bb, True)
+            out = mamba_selective_scan_cuda(uu, dd, AA, BB, CC, DD, None, bb, True)
             out.backward(dout)
 
-        out_t, _, _ = ts.selective_scan_fwd_triton(u, delta[:, None], A[None], B[:, None],
-                                                   C[:, None], D[None], None, dbias[None], None,
-                                                   None, True, chunk)
-        out_m = ts.selective_scan_mamba_cuda(u, delta, A, B, C, D, None, dbias, True)
+        out_t, _, _ = ts.selective_scan_fwd_triton(ScanInputs(
+            u, delta[:, None], A[None], B[:, None], C[:, None], D[None], None, dbias[None], None,
+            None, True, chunk))
+        out_m = mamba_selective_scan_cuda(u, delta, A, B, C, D, None, dbias, True)
         t_mamba = _bench(mamba_1d)
         print(f"1-D selective scan, fwd+bwd: mamba-ssm {t_mamba:.3f} ms | Triton speed / mamba-ssm "
               f"= {t_mamba / t_triton:.2f}x (target >= 0.8x) | max |out diff| "
@@ -177,10 +176,9 @@ def main() -> int:
     dbias4 = torch.randn(K, dim, device=dev) * 0.1
 
     def fused_4d():
-        out, _, cs = ts.selective_scan_fwd_triton(u, delta4, A4, B4, C4, D4, None, dbias4, None,
-                                                  perm, True, chunk)
-        ts.selective_scan_bwd_triton(dout, None, u, delta4, A4, B4, C4, D4, None, dbias4, None,
-                                     perm, cs, True, chunk)
+        x = ScanInputs(u, delta4, A4, B4, C4, D4, None, dbias4, None, perm, True, chunk)
+        out, _, cs = ts.selective_scan_fwd_triton(x)
+        ts.selective_scan_bwd_triton(x, dout, None, cs)
 
     # The unfused path gets delta/B/C already in each direction's visit order (in VMamba they are
     # projected from the flipped/transposed copies), so only the input is copied and merged.
@@ -199,7 +197,7 @@ def main() -> int:
             return y.view(batch, dim, W, H).transpose(2, 3).flatten(2)
         return ys[:, 0] + t_back(ys[:, 1]) + ys[:, 2].flip(-1) + t_back(ys[:, 3].flip(-1))
 
-    use_mamba = ts.mamba_ssm_available() and not args.smoke
+    use_mamba = mamba_cuda_available() and not args.smoke
     leaves4 = [t.detach().clone().requires_grad_() for t in (x_map, delta_v, A4, B_v, C_v, D4,
                                                              dbias4)]
 
@@ -207,7 +205,7 @@ def main() -> int:
         x, dv, AA, BB, CC, DD, bb = leaves4
         xs = cross_scan(x)
         if use_mamba:
-            ys = [ts.selective_scan_mamba_cuda(xs[:, k], dv[:, k], AA[k], BB[:, k, None],
+            ys = [mamba_selective_scan_cuda(xs[:, k], dv[:, k], AA[k], BB[:, k, None],
                                                CC[:, k, None], DD[k], None, bb[k], True)
                   for k in range(K)]
             cross_merge(torch.stack(ys, 1)).backward(dout)
@@ -215,9 +213,9 @@ def main() -> int:
             xd = xs.detach()
             ys, states = [], []
             for k in range(K):
-                y, _, cs = ts.selective_scan_fwd_triton(
+                y, _, cs = ts.selective_scan_fwd_triton(ScanInputs(
                     xd[:, k], dv[:, k, None], AA[k, None], BB[:, k, None, None],
-                    CC[:, k, None, None], DD[k, None], None, bb[k, None], None, None, True, chunk)
+                    CC[:, k, None, None], DD[k, None], None, bb[k, None], None, None, True, chunk))
                 ys.append(y)
                 states.append(cs)
             y_all = torch.stack(ys, 1).requires_grad_()
@@ -225,30 +223,30 @@ def main() -> int:
             g = y_all.grad
             dxs = []
             for k in range(K):
-                dxs.append(ts.selective_scan_bwd_triton(
-                    g[:, k], None, xd[:, k], dv[:, k, None], AA[k, None], BB[:, k, None, None],
-                    CC[:, k, None, None], DD[k, None], None, bb[k, None], None, None, states[k],
-                    True, chunk)[0])
+                xk = ScanInputs(xd[:, k], dv[:, k, None], AA[k, None], BB[:, k, None, None],
+                                CC[:, k, None, None], DD[k, None], None, bb[k, None], None, None,
+                                True, chunk)
+                dxs.append(ts.selective_scan_bwd_triton(xk, g[:, k], None, states[k])[0])
             xs.backward(torch.stack(dxs, 1))
 
     def unfused_grouped():  # VMamba: one call over K*dim channels with K groups
         x, dv, AA, BB, CC, DD, bb = leaves4
         xs = cross_scan(x).reshape(batch, K * dim, L)
-        ys = ts.selective_scan_mamba_cuda(xs, dv.reshape(batch, K * dim, L),
+        ys = mamba_selective_scan_cuda(xs, dv.reshape(batch, K * dim, L),
                                           AA.reshape(K * dim, N), BB, CC, DD.reshape(-1), None,
                                           bb.reshape(-1), True)
         cross_merge(ys.view(batch, K, dim, L)).backward(dout)
 
     # Same values both ways (the unfused forward, taken once without autograd).
     with torch.no_grad():
-        fused_out, _, _ = ts.selective_scan_fwd_triton(u, delta4, A4, B4, C4, D4, None, dbias4,
-                                                       None, perm, True, chunk)
+        fused_out, _, _ = ts.selective_scan_fwd_triton(
+            ScanInputs(u, delta4, A4, B4, C4, D4, None, dbias4, None, perm, True, chunk))
         xs = cross_scan(x_map)
         ys = []
         for k in range(K):
-            y, _, _ = ts.selective_scan_fwd_triton(
+            y, _, _ = ts.selective_scan_fwd_triton(ScanInputs(
                 xs[:, k], delta_v[:, k, None], A4[k, None], B_v[:, k, None, None],
-                C_v[:, k, None, None], D4[k, None], None, dbias4[k, None], None, None, True, chunk)
+                C_v[:, k, None, None], D4[k, None], None, dbias4[k, None], None, None, True, chunk))
             ys.append(y)
         ref = cross_merge(torch.stack(ys, 1).float())
         diff = ((fused_out.float() - ref).abs().max() / ref.abs().max()).item()

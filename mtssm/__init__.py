@@ -11,6 +11,6 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
-from mtssm._ops import get_scan_backend, set_scan_backend  # noqa: E402  (registers torch.ops.mtssm.*)
+from mtssm._ops import scan_backend  # noqa: E402  (registers torch.ops.mtssm.*)
 
-__all__ = ["__version__", "set_scan_backend", "get_scan_backend"]
+__all__ = ["__version__", "scan_backend"]

@@ -1,6 +1,8 @@
-"""The ``mtssm`` command line: ``mtssm --version``, ``mtssm recipe ...``, ``mtssm data ...``."""
+"""The ``mtssm`` command line: ``mtssm --version``, ``mtssm info``, ``mtssm recipe ...``, ``mtssm data ...``."""
 
 from __future__ import annotations
+
+import sys
 
 import click
 
@@ -11,6 +13,33 @@ from mtssm import __version__
 @click.version_option(__version__, prog_name="mtssm")
 def main() -> None:
     """Multi-task dense prediction with state-space decoders."""
+
+
+@main.command("info")
+def info() -> None:
+    """Versions, the scan kernels available on this machine and the path of the op library."""
+    import platform
+
+    import torch
+
+    from mtssm import _ops
+
+    click.echo(f"mtssm {__version__}")
+    click.echo(f"torch {torch.__version__}")
+    click.echo(f"python {platform.python_version()} ({sys.executable})")
+    try:
+        import triton
+
+        click.echo(f"triton {triton.__version__}")
+    except ImportError:
+        click.echo("triton not installed")
+    click.echo("scan kernels:")
+    for name, state in _ops.scan_kernels().items():
+        click.echo(f"  {name}: {state}")
+    try:
+        click.echo(f"ops library: {_ops.library_path()}")
+    except RuntimeError as exc:
+        click.echo(f"ops library: none ({exc})")
 
 
 def _register_subcommands() -> None:

@@ -5,6 +5,9 @@ unconditionally. On a CPU machine (mamba-ssm installed with ``MAMBA_SKIP_CUDA_BU
 MAMBA_FORCE_BUILD=TRUE pip install --no-deps --no-build-isolation mamba-ssm``) this loader runs
 only that one file, with the package ``__init__`` bypassed and the CUDA-only imports stubbed, and
 returns its ``selective_scan_ref``. It is the outside anchor of the tests and benchmarks.
+
+On a CUDA machine with mamba-ssm built, :func:`mamba_selective_scan_cuda` calls its CUDA
+``selective_scan_fn``, the anchor of the GPU tests and benchmarks of the Triton kernels.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["load_mamba_selective_scan_ref"]
+__all__ = ["load_mamba_selective_scan_ref", "mamba_cuda_available", "mamba_selective_scan_cuda"]
 
 
 @lru_cache(maxsize=1)
@@ -68,3 +71,31 @@ _STUBS: dict[str, dict] = {
     "mamba_ssm.ops.triton": {},
     "mamba_ssm.ops.triton.layer_norm": {"_layer_norm_fwd": None},
 }
+
+
+def mamba_cuda_available() -> bool:
+    """Whether mamba-ssm's compiled CUDA scan (``selective_scan_cuda``) imports here."""
+    try:
+        import selective_scan_cuda  # noqa: F401
+    except (ImportError, OSError):  # not built, or built against another torch
+        return False
+    return True
+
+
+def mamba_selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                              delta_softplus=False, return_last_state=False):
+    """mamba-ssm's CUDA ``selective_scan_fn`` (an outside anchor for GPU tests and benchmarks; not
+    a backend of mtssm's op). Shapes as in mamba-ssm: u, delta, z (batch, dim, L); A (dim, N);
+    B, C (batch, G, N, L); D, delta_bias (dim,). ``ImportError`` saying how to install it."""
+    try:
+        import selective_scan_cuda  # noqa: F401
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except (ImportError, OSError) as e:
+        raise ImportError(
+            "mamba-ssm's CUDA kernels are not importable; on a CUDA machine: pip install "
+            f"--no-build-isolation mamba-ssm causal-conv1d ({e})"
+        ) from e
+    if not u.is_cuda:
+        raise ValueError(f"mamba_selective_scan_cuda needs CUDA tensors, got u on {u.device}")
+    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                             return_last_state)

@@ -4,12 +4,14 @@ Contents, in order:
 
 1. ``selective_scan_ref`` / ``selective_scan_2d_ref``: pure PyTorch, sequential, readable; the
    oracle of the tests. Computed in fp32 (fp64 for fp64 inputs) and cast back.
-2. The fast implementations: the C++ CPU kernel (``csrc/selective_scan_cpu.cpp``), a chunked
-   pure-PyTorch implementation with a hand-written reverse scan (used where no compiler is
-   available and on devices without a kernel), and the Triton / mamba-ssm GPU kernels
-   (``triton_scan.py``).
-3. ``mtssm::selective_scan`` and ``mtssm::selective_scan_backward`` custom ops with their fake
-   kernels and the registered autograd.
+2. The pure-PyTorch implementation of the unified op (chunked, with a hand-written reverse scan):
+   the kernel of every device without a compiled one. The C++ CPU kernel is in
+   ``csrc/selective_scan_cpu.cpp``, the Triton CUDA kernels in ``triton_scan.py``.
+3. The ops ``mtssm::selective_scan`` and ``mtssm::selective_scan_backward``: schemas and CPU
+   kernels from the C++ op library (``_library.py``; where it cannot be built, the same schemas
+   are defined here), the pure-PyTorch path as the CompositeExplicitAutograd kernel, Triton's for
+   CUDA, the fakes (every shape checked) and the registered autograd. Implementations take one
+   :class:`~mtssm._ops.scan_inputs.ScanInputs`.
 4. Typed public wrappers: :func:`selective_scan` (mamba-ssm's ``selective_scan_fn`` signature) and
    :func:`selective_scan_2d` (the fused K-direction scan of a map).
 
@@ -34,14 +36,22 @@ time is linear in L and the workspace is ``1 / chunk_size`` of storing every sta
 
 from __future__ import annotations
 
-import math
+import importlib.util
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtssm._ops import _cpu_extension
-from mtssm._ops.backend import get_scan_backend
+from mtssm._ops import _library
+from mtssm._ops.scan_inputs import (
+    DEFAULT_CHUNK_SIZE,
+    ScanInputs,
+    check_scan_inputs,
+    check_shape,
+    compute_dtype,
+    n_chunks,
+)
 
 __all__ = [
     "selective_scan_ref",
@@ -50,15 +60,6 @@ __all__ = [
     "selective_scan_2d",
     "DEFAULT_CHUNK_SIZE",
 ]
-
-DEFAULT_CHUNK_SIZE = 64
-
-
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """fp64 when any input is fp64, else fp32 (half and bfloat16 are accumulated in fp32)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else (
-        torch.float32
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def selective_scan_ref(
         (fp32, or fp64 for fp64 inputs) when ``return_last_state``.
     """
     dtype_in = u.dtype
-    cdt = _compute_dtype(u, delta, A, B, C)
+    cdt = compute_dtype(u, delta, A, B, C)
     u, delta, A, B, C = (t.to(cdt) for t in (u, delta, A, B, C))
     if delta_bias is not None:
         delta = delta + delta_bias.to(cdt)[:, None]
@@ -159,7 +160,7 @@ def selective_scan_2d_ref(
     if perm is None:
         raise ValueError("selective_scan_2d_ref: perm (K, H*W) is required")
     u = x.reshape(batch, dim, H * W)
-    y = torch.zeros_like(u, dtype=_compute_dtype(x, delta))
+    y = torch.zeros_like(u, dtype=compute_dtype(x, delta))
     for k in range(K):
         order = perm[k].to(x.device)
         sl = slice(k * dim, (k + 1) * dim)
@@ -178,70 +179,16 @@ def selective_scan_2d_ref(
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Fast implementations of the unified op
+# 2. The pure-PyTorch implementation of the unified op (the C++ kernel is csrc/, Triton's is
+#    triton_scan.py)
 # --------------------------------------------------------------------------------------------
 
-_Grads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+ScanOutputs = tuple[Tensor, Tensor, Tensor, Tensor]  # out, last_state, chunk_states, pregate
+ScanGrads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
-
-
-def _n_chunks(L: int, chunk_size: int) -> int:
-    return max(1, math.ceil(L / max(1, chunk_size)))
-
-
-def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype).contiguous()
-
-
-def _scan_fwd_cpp(ext, u, delta, A, B, C, D, z, delta_bias, initial_state, perm, softplus, chunk):
-    cdt = _compute_dtype(u, delta, A, B, C)
-    empty = u.new_empty(0, dtype=cdt)
-    Bt = B.to(cdt).transpose(-1, -2).contiguous() if B.dim() == 5 else B.to(cdt).contiguous()
-    Ct = C.to(cdt).transpose(-1, -2).contiguous() if C.dim() == 5 else C.to(cdt).contiguous()
-    out, last, chunk_states, pregate = ext.scan_fwd(
-        u.to(cdt).contiguous(),
-        delta.to(cdt).contiguous(),
-        A.to(cdt).contiguous(),
-        Bt,
-        Ct,
-        *(empty if t is None else t.to(cdt).contiguous() for t in (D, z, delta_bias, initial_state)),
-        empty.long() if perm is None else perm.contiguous(),
-        softplus,
-        chunk,
-    )
-    return out.to(u.dtype), last, chunk_states, pregate
-
-
-def _scan_bwd_cpp(ext, dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, perm,
-                  chunk_states, pregate, softplus, chunk) -> _Grads:
-    cdt = chunk_states.dtype
-    empty = u.new_empty(0, dtype=cdt)
-    Bt = B.to(cdt).transpose(-1, -2).contiguous() if B.dim() == 5 else B.to(cdt).contiguous()
-    Ct = C.to(cdt).transpose(-1, -2).contiguous() if C.dim() == 5 else C.to(cdt).contiguous()
-    grads = ext.scan_bwd(
-        dout.to(cdt).contiguous(),
-        empty if dlast is None else dlast.to(cdt).contiguous(),
-        u.to(cdt).contiguous(),
-        delta.to(cdt).contiguous(),
-        A.to(cdt).contiguous(),
-        Bt,
-        Ct,
-        *(empty if t is None else t.to(cdt).contiguous() for t in (D, z, delta_bias, initial_state)),
-        empty.long() if perm is None else perm.contiguous(),
-        chunk_states,
-        pregate,
-        softplus,
-        chunk,
-    )
-    du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = grads
-    if B.dim() == 5:
-        dB = dB.transpose(-1, -2)
-    if C.dim() == 5:
-        dC = dC.transpose(-1, -2)
-    return du, ddelta, dA, dB, dC, dD, dz, dbias, dinit
 
 
 def _gather_rows(u, delta, B, C, perm, K):
@@ -270,20 +217,21 @@ def _expand_bc(M: Tensor, batch: int, dim: int, t0: int, t1: int) -> Tensor:
     return M[None, ..., None]
 
 
-def _scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state, perm, softplus, chunk):
-    """Chunked forward in PyTorch, vectorised over (batch, K, dim); loops over L."""
-    cdt = _compute_dtype(u, delta, A, B, C)
-    batch, dim, L = u.shape
-    K, N = A.shape[0], A.shape[-1]
-    uc, dc, Bc, Cc = (t.to(cdt) for t in (u, delta, B, C))
-    Ac = A.to(cdt)
+def scan_fwd_torch(x: ScanInputs) -> ScanOutputs:
+    """Chunked forward of the unified op in PyTorch, vectorised over (batch, K, dim); loops over L."""
+    cdt = x.compute_dtype
+    batch, K, dim, L, N, _ = x.dims
+    perm = None if x.perm is None else x.perm.long()
+    uc, dc, Bc, Cc = (t.to(cdt) for t in (x.u, x.delta, x.B, x.C))
+    Ac = x.A.to(cdt)
+    chunk = x.chunk_size
     uk, dk, Bk, Ck = _gather_rows(uc, dc, Bc, Cc, perm, K)
-    if delta_bias is not None:
-        dk = dk + delta_bias.to(cdt)[None, :, :, None]
-    if softplus:
+    if x.delta_bias is not None:
+        dk = dk + x.delta_bias.to(cdt)[None, :, :, None]
+    if x.delta_softplus:
         dk = F.softplus(dk)
-    h = uc.new_zeros(batch, K, dim, N) if initial_state is None else initial_state.to(cdt).clone()
-    nc = _n_chunks(L, chunk)
+    h = uc.new_zeros(batch, K, dim, N) if x.initial_state is None else x.initial_state.to(cdt).clone()
+    nc = n_chunks(L, chunk)
     chunk_states = uc.new_empty(batch, K, dim, nc, N)
     yk = uc.new_empty(batch, K, dim, L)
     for j in range(nc):
@@ -303,35 +251,41 @@ def _scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state, perm, so
     else:
         y = yk.sum(1)
     o = y
-    if D is not None:
-        o = o + D.to(cdt).sum(0)[None, :, None] * uc
+    if x.D is not None:
+        o = o + x.D.to(cdt).sum(0)[None, :, None] * uc
     pregate = _empty(o)
-    if z is not None:
+    if x.z is not None:
         pregate = o
-        o = o * F.silu(z.to(cdt))
-    return o.to(u.dtype), h, chunk_states, pregate
+        o = o * F.silu(x.z.to(cdt))
+    return o.to(x.u.dtype), h, chunk_states, pregate
 
 
-def _scan_bwd_torch(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, perm,
-                    chunk_states, pregate, softplus, chunk) -> _Grads:
-    """Reverse scan in PyTorch mirroring the C++ kernel: recompute each chunk, then the adjoint."""
+def scan_bwd_torch(x: ScanInputs, dout: Tensor, dlast: Tensor | None, chunk_states: Tensor,
+                   pregate: Tensor) -> ScanGrads:
+    """Reverse scan in PyTorch mirroring the C++ kernel: recompute each chunk, then the adjoint.
+
+    Returns the gradients of :data:`GRAD_NAMES` in the inputs' shapes and dtypes (contiguous),
+    empty tensors for absent inputs.
+    """
     cdt = chunk_states.dtype
-    batch, dim, L = u.shape
-    K, N = A.shape[0], A.shape[-1]
-    uc, dc, Bc, Cc, Ac = (t.to(cdt) for t in (u, delta, B, C, A))
+    batch, K, dim, L, N, _ = x.dims
+    perm = None if x.perm is None else x.perm.long()
+    chunk = x.chunk_size
+    uc, dc, Bc, Cc, Ac = (t.to(cdt) for t in (x.u, x.delta, x.B, x.C, x.A))
     go = dout.to(cdt)
     dz = _empty(go)
-    if z is not None:
-        zc = z.to(cdt)
+    if x.z is not None:
+        zc = x.z.to(cdt)
         sg = torch.sigmoid(zc)
         dz = go * pregate * sg * (1 + zc * (1 - sg))
         go = go * zc * sg
+    D = x.D
     du = go * (D.to(cdt).sum(0)[None, :, None] if D is not None else 0.0)
     dD = (go * uc).sum((0, 2))[None].expand(K, dim).clone() if D is not None else _empty(go)
     uk, dk_raw, Bk, Ck = _gather_rows(uc, dc, Bc, Cc, perm, K)
-    if delta_bias is not None:
-        dk_raw = dk_raw + delta_bias.to(cdt)[None, :, :, None]
-    dk = F.softplus(dk_raw) if softplus else dk_raw
+    if x.delta_bias is not None:
+        dk_raw = dk_raw + x.delta_bias.to(cdt)[None, :, :, None]
+    dk = F.softplus(dk_raw) if x.delta_softplus else dk_raw
     dyk, _, _, _ = _gather_rows(go, dc, Bc, Cc, perm, K)  # dy in visit order (b, K, d, L)
     g = uc.new_zeros(batch, K, dim, N) if dlast is None else dlast.to(cdt).clone()
     d_dt = uc.new_empty(batch, K, dim, L)
@@ -341,7 +295,7 @@ def _scan_bwd_torch(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_st
     dCk = torch.zeros_like(Ck)
     groups = Bk.shape[2] if Bk.dim() == 5 else (Ck.shape[2] if Ck.dim() == 5 else 1)
     rep = dim // groups
-    for j in reversed(range(_n_chunks(L, chunk))):
+    for j in reversed(range(n_chunks(L, chunk))):
         t0, t1 = j * chunk, min(L, (j + 1) * chunk)
         dt = dk[..., t0:t1, None]
         a = torch.exp(dt * Ac[None, :, :, None, :])  # (b, K, d, c, N)
@@ -375,9 +329,9 @@ def _scan_bwd_torch(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_st
             dCk[..., t0:t1] += dC_chunk.transpose(-1, -2).unflatten(2, (-1, rep)).sum(3)
         else:
             dCk += dC_chunk.sum((0, 3))
-    d_raw = d_dt * torch.sigmoid(dk_raw) if softplus else d_dt
-    dbias = d_raw.sum((0, 3)) if delta_bias is not None else _empty(go)
-    dinit = g if initial_state is not None else _empty(go)
+    d_raw = d_dt * torch.sigmoid(dk_raw) if x.delta_softplus else d_dt
+    dbias = d_raw.sum((0, 3)) if x.delta_bias is not None else _empty(go)
+    dinit = g if x.initial_state is not None else _empty(go)
     if perm is None:
         du = du + d_uk.sum(1)
         ddelta, dB, dC = d_raw, dBk, dCk
@@ -392,150 +346,129 @@ def _scan_bwd_torch(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_st
             return torch.zeros_like(M).scatter_(-1, perm[None, :, None, None, :].expand(M.shape), M)
 
         dB, dC = unperm(dBk), unperm(dCk)
-    return du, ddelta, dA, dB, dC, dD, dz, dbias, dinit
+    return grads_as_inputs(x, (du, ddelta, dA, dB, dC, dD, dz, dbias, dinit))
 
 
-def _triton_module():
-    try:
-        from mtssm._ops import triton_scan
-    except ImportError:
-        return None
-    return triton_scan if triton_scan.is_available() else None
-
-
-def _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, perm, softplus, chunk):
-    backend = get_scan_backend()
-    if u.device.type == "cuda" and backend in ("auto", "triton", "mamba_ssm"):
-        tri = _triton_module()
-        if tri is not None and backend != "mamba_ssm":
-            return tri.selective_scan_fwd_triton(
-                u, delta, A, B, C, D, z, delta_bias, initial_state, perm, softplus, chunk,
-                return_pregate=True,
-            )
-    if u.device.type == "cpu" and backend in ("auto", "cpp"):
-        ext = _cpu_extension.load()
-        if ext is not None:
-            return _scan_fwd_cpp(
-                ext, u, delta, A, B, C, D, z, delta_bias, initial_state, perm, softplus, chunk
-            )
-    return _scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state, perm, softplus, chunk)
-
-
-def _backward_impl(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, perm,
-                   chunk_states, pregate, softplus, chunk) -> _Grads:
-    backend = get_scan_backend()
-    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, perm)
-    if u.device.type == "cuda" and backend in ("auto", "triton", "mamba_ssm"):
-        tri = _triton_module()
-        if tri is not None and backend != "mamba_ssm":
-            grads = tri.selective_scan_bwd_triton(dout, dlast, *args, chunk_states, softplus, chunk)
-            return tuple(g if g is not None else _empty(u) for g in grads)  # type: ignore[return-value]
-    if u.device.type == "cpu" and backend in ("auto", "cpp"):
-        ext = _cpu_extension.load()
-        if ext is not None:
-            return _scan_bwd_cpp(ext, dout, dlast, *args, chunk_states, pregate, softplus, chunk)
-    return _scan_bwd_torch(dout, dlast, *args, chunk_states, pregate, softplus, chunk)
-
-
-# --------------------------------------------------------------------------------------------
-# 3. Custom ops, fakes and autograd
-# --------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("mtssm::selective_scan", mutates_args=())
-def _selective_scan_op(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    delta_bias: Tensor | None,
-    initial_state: Tensor | None,
-    perm: Tensor | None,
-    delta_softplus: bool,
-    chunk_size: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Unified scan (see the module docstring). Returns (out, last_state, chunk_states, pregate);
-    the last two are saved for the backward (``pregate`` is empty without ``z``)."""
-    return _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, perm,
-                         delta_softplus, chunk_size)
-
-
-@_selective_scan_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, perm, delta_softplus, chunk_size):
-    torch._check(u.dim() == 3 and delta.dim() == 4 and A.dim() == 3)
-    batch, dim, L = u.shape
-    K, N = A.shape[0], A.shape[2]
-    cdt = _compute_dtype(u, delta, A, B, C)
-    nc = _n_chunks(L, chunk_size)
-    out = u.new_empty(batch, dim, L)
-    last = u.new_empty(batch, K, dim, N, dtype=cdt)
-    chunk_states = u.new_empty(batch, K, dim, nc, N, dtype=cdt)
-    pregate = u.new_empty(batch, dim, L, dtype=cdt) if z is not None else u.new_empty(0, dtype=cdt)
-    return out, last, chunk_states, pregate
-
-
-@torch.library.custom_op("mtssm::selective_scan_backward", mutates_args=())
-def _selective_scan_backward_op(
-    dout: Tensor,
-    dlast_state: Tensor | None,
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    delta_bias: Tensor | None,
-    initial_state: Tensor | None,
-    perm: Tensor | None,
-    chunk_states: Tensor,
-    pregate: Tensor,
-    delta_softplus: bool,
-    chunk_size: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state) of the scan, in the
-    inputs' shapes and dtypes; absent optional inputs give empty tensors."""
-    grads = _backward_impl(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state,
-                           perm, chunk_states, pregate, delta_softplus, chunk_size)
-    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+def grads_as_inputs(x: ScanInputs, grads) -> ScanGrads:
+    """The backward op's outputs: each gradient in its input's dtype, contiguous; an empty tensor
+    (``u``'s dtype) where the input is absent or its gradient is ``None``."""
     return tuple(
-        g.to(x.dtype).contiguous() if x is not None else _empty(u) for g, x in zip(grads, inputs)
+        g.to(t.dtype).contiguous() if t is not None and g is not None else _empty(x.u)
+        for g, t in zip(grads, x.grad_inputs())
     )  # type: ignore[return-value]
 
 
-@_selective_scan_backward_op.register_fake
-def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, perm, chunk_states,
-      pregate, delta_softplus, chunk_size):
-    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+# --------------------------------------------------------------------------------------------
+# 3. The ops: schemas and CPU kernels from the C++ library (or defined here from the same
+#    schemas where it cannot be built), the pure-PyTorch path as the kernel of every other device,
+#    Triton's on CUDA, fakes and autograd
+# --------------------------------------------------------------------------------------------
+
+
+def _split_backward_args(args) -> tuple[ScanInputs, Tensor, Tensor | None, Tensor, Tensor]:
+    """The backward op's arguments as (inputs, dout, dlast_state, chunk_states, pregate)."""
+    dout, dlast, *inputs, chunk_states, pregate, softplus, chunk = args
+    return ScanInputs(*inputs, softplus, chunk), dout, dlast, chunk_states, pregate
+
+
+def forward_kernel(impl: Callable[[ScanInputs], ScanOutputs]) -> Callable[..., ScanOutputs]:
+    """``impl(ScanInputs)`` as a kernel of ``mtssm::selective_scan`` (the op's arguments)."""
+
+    def kernel(*args):
+        return impl(ScanInputs(*args))
+
+    return kernel
+
+
+def backward_kernel(impl: Callable[..., ScanGrads]) -> Callable[..., ScanGrads]:
+    """``impl(inputs, dout, dlast, chunk_states, pregate)`` as a kernel of
+    ``mtssm::selective_scan_backward``."""
+
+    def kernel(*args):
+        return impl(*_split_backward_args(args))
+
+    return kernel
+
+
+LIBRARY_PATH = _library.load()
+if LIBRARY_PATH is None:  # same schemas, defined from Python
+    _python_defs = torch.library.Library("mtssm", "FRAGMENT")
+    for _schema in _library.schemas():
+        _python_defs.define(_schema)
+
+torch.library.impl("mtssm::selective_scan", "CompositeExplicitAutograd")(
+    forward_kernel(scan_fwd_torch)
+)
+torch.library.impl("mtssm::selective_scan_backward", "CompositeExplicitAutograd")(
+    backward_kernel(scan_bwd_torch)
+)
+
+
+def triton_fwd(x: ScanInputs) -> ScanOutputs:
+    """The Triton forward kernel (imported on first use)."""
+    from mtssm._ops import triton_scan
+
+    return triton_scan.selective_scan_fwd_triton(x, return_pregate=True)
+
+
+def triton_bwd(x: ScanInputs, dout, dlast, chunk_states, pregate) -> ScanGrads:
+    """The Triton backward kernel (imported on first use)."""
+    from mtssm._ops import triton_scan
+
+    return grads_as_inputs(x, triton_scan.selective_scan_bwd_triton(x, dout, dlast, chunk_states))
+
+
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+if TRITON_INSTALLED:
+    torch.library.register_kernel("mtssm::selective_scan", "cuda", forward_kernel(triton_fwd))
+    torch.library.register_kernel("mtssm::selective_scan_backward", "cuda", backward_kernel(triton_bwd))
+
+
+@torch.library.register_fake("mtssm::selective_scan")
+def _(*args):
+    x = ScanInputs(*args)
+    batch, K, dim, L, N, _ = check_scan_inputs(x)
+    cdt = x.compute_dtype
+    out = x.u.new_empty(batch, dim, L)
+    last = x.u.new_empty(batch, K, dim, N, dtype=cdt)
+    chunk_states = x.u.new_empty(batch, K, dim, n_chunks(L, x.chunk_size), N, dtype=cdt)
+    pregate = x.u.new_empty((batch, dim, L) if x.z is not None else (0,), dtype=cdt)
+    return out, last, chunk_states, pregate
+
+
+@torch.library.register_fake("mtssm::selective_scan_backward")
+def _(*args):
+    x, dout, dlast, chunk_states, pregate = _split_backward_args(args)
+    batch, K, dim, L, N, _ = check_scan_inputs(x)
+    check_shape(dout, "dout", "(batch, dim, L) like u", (batch, dim, L))
+    if dlast is not None:
+        check_shape(dlast, "dlast_state", "(batch, K, dim, N)", (batch, K, dim, N))
+    check_shape(chunk_states, "chunk_states", "(batch, K, dim, n_chunks, N)",
+                (batch, K, dim, n_chunks(L, x.chunk_size), N))
+    check_shape(pregate, "pregate", "(batch, dim, L) with z, else (0,)",
+                (batch, dim, L) if x.z is not None else (0,))
     # The kernels return contiguous gradients whatever the inputs' strides.
-    return tuple(x.new_empty(x.shape) if x is not None else u.new_empty(0) for x in inputs)
+    return tuple(t.new_empty(t.shape) if t is not None else x.u.new_empty(0)
+                 for t in x.grad_inputs())
 
 
 def _setup_context(ctx, inputs, output):
-    (u, delta, A, B, C, D, z, delta_bias, initial_state, perm, delta_softplus, chunk_size) = inputs
+    x = ScanInputs(*inputs)
     _, _, chunk_states, pregate = output
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, perm, chunk_states,
-                          pregate)
-    ctx.delta_softplus = delta_softplus
-    ctx.chunk_size = chunk_size
+    ctx.save_for_backward(*x.grad_inputs(), x.perm, chunk_states, pregate)
+    ctx.delta_softplus = x.delta_softplus
+    ctx.chunk_size = x.chunk_size
 
 
 def _backward(ctx, dout, dlast, _dchunk, _dpregate):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, perm, chunk_states, pregate = (
-        ctx.saved_tensors
-    )
+    *inputs, perm, chunk_states, pregate = ctx.saved_tensors
     grads = torch.ops.mtssm.selective_scan_backward(
-        dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, perm, chunk_states,
-        pregate, ctx.delta_softplus, ctx.chunk_size,
+        dout, dlast, *inputs, perm, chunk_states, pregate, ctx.delta_softplus, ctx.chunk_size
     )
-    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    return (*(g if x is not None else None for g, x in zip(grads, inputs)), None, None, None)
+    return (*(g if t is not None else None for g, t in zip(grads, inputs)), None, None, None)
 
 
-_selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("mtssm::selective_scan", _backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------

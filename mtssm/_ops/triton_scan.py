@@ -1,4 +1,4 @@
-"""Triton kernels for the selective-scan family, and the mamba-ssm CUDA adapter.
+"""Triton kernels for the selective-scan family.
 
 The unified scan runs K scan directions over one input. Rows are (batch, k, channel); direction k
 visits position ``perm[k, t]`` at step ``t`` (identity order when ``perm`` is None), so the 1-D
@@ -38,6 +38,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from mtssm._ops.scan_inputs import ScanInputs, check_scan_inputs
+
 try:
     import triton
     import triton.language as tl
@@ -49,12 +51,9 @@ __all__ = [
     "is_available",
     "selective_scan_fwd_triton",
     "selective_scan_bwd_triton",
-    "mamba_ssm_available",
-    "selective_scan_mamba_cuda",
 ]
 
 _INSTALL_TRITON = "install the GPU extra: pip install 'mtssm[gpu]' (or pip install triton)"
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def is_available() -> bool:
@@ -403,62 +402,6 @@ def _check_runnable(u: torch.Tensor) -> None:
                            "triton is first imported to run them in Triton's interpreter")
 
 
-def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, perm,
-                       chunk_size) -> tuple[int, int, int, int, int, int]:
-    """Validate the unified scan's inputs; returns (batch, K, dim, L, channels per group, N)."""
-    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
-                    ("delta_bias", delta_bias), ("initial_state", initial_state)):
-        if t is not None and t.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if u.dim() != 3:
-        raise ValueError(f"u must be (batch, dim, L), got shape {tuple(u.shape)}")
-    batch, dim, L = u.shape
-    if delta.dim() != 4 or delta.shape[0] != batch or delta.shape[2:] != (dim, L):
-        raise ValueError(f"delta must be (batch, K, dim, L) = ({batch}, K, {dim}, {L}), "
-                         f"got {tuple(delta.shape)}")
-    K = delta.shape[1]
-    if A.dim() != 3 or A.shape[:2] != (K, dim):
-        raise ValueError(f"A must be real (K, dim, N) = ({K}, {dim}, N), got {tuple(A.shape)}")
-    N = A.shape[2]
-    groups = []
-    for name, t in (("B", B), ("C", C)):
-        if t.dim() == 3:
-            if t.shape != (K, dim, N):
-                raise ValueError(f"{name} must be (K, dim, N) = ({K}, {dim}, {N}) or (batch, K, G, "
-                                 f"N, L), got {tuple(t.shape)}")
-        elif t.dim() != 5 or t.shape[:2] != (batch, K) or t.shape[3:] != (N, L):
-            raise ValueError(f"{name} must be (batch, K, G, N, L) = ({batch}, {K}, G, {N}, {L}) or "
-                             f"(K, dim, N), got {tuple(t.shape)}")
-        else:
-            if t.shape[2] == 0 or dim % t.shape[2]:
-                raise ValueError(f"dim = {dim} must be divisible by the groups G = {t.shape[2]} "
-                                 f"of {name}")
-            groups.append(t.shape[2])
-    if len(groups) == 2 and groups[0] != groups[1]:
-        raise ValueError(f"B and C must have the same number of groups, got {groups[0]} and "
-                         f"{groups[1]}")
-    for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if t is not None and t.shape != (K, dim):
-            raise ValueError(f"{name} must be (K, dim) = ({K}, {dim}), got {tuple(t.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"z must be (batch, dim, L) = {tuple(u.shape)}, got {tuple(z.shape)}")
-    if initial_state is not None and initial_state.shape != (batch, K, dim, N):
-        raise ValueError(f"initial_state must be (batch, K, dim, N) = ({batch}, {K}, {dim}, {N}), "
-                         f"got {tuple(initial_state.shape)}")
-    if perm is not None and (perm.shape != (K, L) or perm.dtype not in (torch.int64, torch.int32)):
-        raise ValueError(f"perm must be an integer tensor (K, L) = ({K}, {L}), "
-                         f"got {tuple(perm.shape)} {perm.dtype}")
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    cpg = dim // groups[0] if groups else dim
-    return batch, K, dim, L, cpg, N
-
-
-def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) \
-        else torch.float32
-
-
 def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
@@ -471,18 +414,7 @@ def _bc_strides(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def selective_scan_fwd_triton(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
-    initial_state: torch.Tensor | None,
-    perm: torch.Tensor | None,
-    delta_softplus: bool,
-    chunk_size: int,
+    x: ScanInputs,
     *,
     return_pregate: bool = False,
     block_d: int | None = None,
@@ -491,9 +423,10 @@ def selective_scan_fwd_triton(
 ) -> tuple[torch.Tensor, ...]:
     """Forward of the unified K-direction selective scan (see the module docstring).
 
-    Shapes: u, z (batch, dim, L); delta (batch, K, dim, L); A (K, dim, N); B, C (batch, K, G, N,
-    L) or (K, dim, N) (constant over batch and time); D, delta_bias (K, dim); initial_state
-    (batch, K, dim, N); perm (K, L) integer, row k the positions visited by direction k.
+    Shapes as in :class:`~mtssm._ops.scan_inputs.ScanInputs`: u, z (batch, dim, L); delta
+    (batch, K, dim, L); A (K, dim, N); B, C (batch, K, G, N, L) or (K, dim, N) (constant over
+    batch and time); D, delta_bias (K, dim); initial_state (batch, K, dim, N); perm (K, L)
+    integer, row k the positions visited by direction k.
 
     Returns ``(out, last_state, chunk_states)``: out (batch, dim, L) in u's dtype, last_state
     (batch, K, dim, N) and chunk_states (batch, K, dim, n_chunks, N), the state before step
@@ -502,12 +435,13 @@ def selective_scan_fwd_triton(
     dtype when z is given, else empty. ``block_d``, ``block_n``, ``num_warps`` override the tile
     choice (for tuning; powers of two, ``block_d`` dividing dim // G).
     """
-    _check_runnable(u)
-    batch, K, dim, L, cpg, N = _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias,
-                                                  initial_state, perm, chunk_size)
-    chunk_size = int(chunk_size)
+    _check_runnable(x.u)
+    batch, K, dim, L, N, groups = check_scan_inputs(x)
+    u, delta, A, B, C, D, z, delta_bias, initial_state, perm = x.op_args()[:10]
+    cpg = dim // groups
+    delta_softplus, chunk_size = x.delta_softplus, int(x.chunk_size)
     n_chunks = max(1, triton.cdiv(L, chunk_size))
-    cdt = _compute_dtype(u, delta, A, B, C)
+    cdt = x.compute_dtype
     BD, BN, BT, num_warps = _pick_tiles(cpg, N, chunk_size, _FWD_ELEMS_PER_THREAD, block_d,
                                         block_n, num_warps)
     n_blocks_n = triton.cdiv(N, BN)
@@ -558,21 +492,10 @@ def selective_scan_fwd_triton(
 
 
 def selective_scan_bwd_triton(
+    x: ScanInputs,
     dout: torch.Tensor,
     dlast_state: torch.Tensor | None,
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
-    initial_state: torch.Tensor | None,
-    perm: torch.Tensor | None,
     chunk_states: torch.Tensor,
-    delta_softplus: bool,
-    chunk_size: int,
     *,
     block_d: int | None = None,
     block_n: int | None = None,
@@ -585,10 +508,11 @@ def selective_scan_bwd_triton(
     ddelta_bias, dinitial_state)`` with the shapes and dtypes of the inputs; an entry whose input
     was None is None.
     """
-    _check_runnable(u)
-    batch, K, dim, L, cpg, N = _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias,
-                                                  initial_state, perm, chunk_size)
-    chunk_size = int(chunk_size)
+    _check_runnable(x.u)
+    batch, K, dim, L, N, groups = check_scan_inputs(x)
+    u, delta, A, B, C, D, z, delta_bias, initial_state, perm = x.op_args()[:10]
+    cpg = dim // groups
+    delta_softplus, chunk_size = x.delta_softplus, int(x.chunk_size)
     n_chunks = max(1, triton.cdiv(L, chunk_size))
     if dout.shape != u.shape:
         raise ValueError(f"dout must be (batch, dim, L) = {tuple(u.shape)}, "
@@ -599,7 +523,7 @@ def selective_scan_bwd_triton(
     if dlast_state is not None and dlast_state.shape != (batch, K, dim, N):
         raise ValueError(f"dlast_state must be (batch, K, dim, N) = ({batch}, {K}, {dim}, {N}), "
                          f"got {tuple(dlast_state.shape)}")
-    cdt = _compute_dtype(u, delta, A, B, C)
+    cdt = x.compute_dtype
     BD, BN, BT, num_warps = _pick_tiles(cpg, N, chunk_size, _BWD_ELEMS_PER_THREAD, block_d,
                                         block_n, num_warps)
     n_blocks_n = triton.cdiv(N, BN)
@@ -667,50 +591,3 @@ def selective_scan_bwd_triton(
         ddelta_bias,
         dh0.to(initial_state.dtype) if initial_state is not None else None,
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# mamba-ssm CUDA backend
-# ------------------------------------------------------------------------------------------------
-
-_INSTALL_MAMBA = ("mamba-ssm's CUDA kernels are not importable; on a CUDA machine install them "
-                  "with: pip install --no-build-isolation mamba-ssm causal-conv1d "
-                  "(built against the installed torch)")
-
-
-def mamba_ssm_available() -> bool:
-    """Whether mamba-ssm's compiled CUDA extension (``selective_scan_cuda``) can be imported."""
-    try:
-        import selective_scan_cuda  # noqa: F401
-    except (ImportError, OSError):  # not built, or built against another torch
-        return False
-    return True
-
-
-def selective_scan_mamba_cuda(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """mamba-ssm's CUDA ``selective_scan_fn`` (the K=1, identity-order scan; autograd included).
-
-    Shapes as in mamba-ssm: u, delta, z (batch, dim, L); A (dim, N) real; B, C (batch, G, N, L)
-    or (batch, N, L); D, delta_bias (dim,). Returns out (batch, dim, L) [and last_state
-    (batch, dim, N) fp32]. mamba-ssm has no initial state and passes no gradient to last_state.
-    """
-    try:
-        import selective_scan_cuda  # noqa: F401
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except (ImportError, OSError) as e:
-        raise ImportError(f"{_INSTALL_MAMBA} ({e})") from e
-    if not u.is_cuda:
-        raise ValueError(f"selective_scan_mamba_cuda needs CUDA tensors, got u on {u.device}")
-    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                             return_last_state)

@@ -21,7 +21,11 @@ if ("TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'mtssm[gpu]')")
 
+from mtssm import scan_backend  # noqa: E402
 from mtssm._ops import triton_scan as ts  # noqa: E402
+from mtssm._ops.mamba_reference import mamba_cuda_available, mamba_selective_scan_cuda  # noqa: E402
+from mtssm._ops.scan_inputs import ScanInputs  # noqa: E402
+from mtssm._ops.selective_scan import selective_scan, selective_scan_ref  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and not INTERPRET
@@ -130,9 +134,8 @@ def check_against_oracle(batch, K, dim, L, N, G, *, D=False, z=False, bias=False
         args = {k: (v.transpose(-1, -2).contiguous().transpose(-1, -2) if v is not None else v)
                 for k, v in args.items()}
         assert not args["u"].is_contiguous()
-    out, last, cstates, pregate = ts.selective_scan_fwd_triton(
-        **args, perm=order, delta_softplus=softplus, chunk_size=chunk_size, return_pregate=True,
-        **blocks)
+    x = ScanInputs(**args, perm=order, delta_softplus=softplus, chunk_size=chunk_size)
+    out, last, cstates, pregate = ts.selective_scan_fwd_triton(x, return_pregate=True, **blocks)
 
     leaves = {k: v.double().requires_grad_() for k, v in inp.items() if v is not None}
     full = {k: leaves.get(k) for k in inp}
@@ -157,9 +160,7 @@ def check_against_oracle(batch, K, dim, L, N, G, *, D=False, z=False, bias=False
         loss = loss + (ref_last * glast.double()).sum()
     ref_grads = torch.autograd.grad(loss, list(leaves.values()))
     ref_grads = dict(zip(leaves, ref_grads))
-    grads = ts.selective_scan_bwd_triton(
-        gout, glast, **args, perm=order, chunk_states=cstates, delta_softplus=softplus,
-        chunk_size=chunk_size, **blocks)
+    grads = ts.selective_scan_bwd_triton(x, gout, glast, cstates, **blocks)
     for name, g in zip(GRAD_NAMES, grads):
         if inp[name] is None:
             assert g is None, f"d{name} should be None when {name} is None"
@@ -218,13 +219,12 @@ def test_half_inputs_tiny(dtype):
 def test_empty_sequence():
     inp, _ = make_inputs(1, 2, 4, 0, 4, 1, D=True, z=True, bias=False, init=True, perm=False,
                          dtype=torch.float32, device=DEVICE)
-    out, last, cs = ts.selective_scan_fwd_triton(**inp, perm=None, delta_softplus=False,
-                                                 chunk_size=8)
+    x = ScanInputs(**inp, perm=None, delta_softplus=False, chunk_size=8)
+    out, last, cs = ts.selective_scan_fwd_triton(x)
     assert out.shape == (1, 4, 0) and cs.shape == (1, 2, 4, 1, 4)
     torch.testing.assert_close(last, inp["initial_state"])
     dlast = torch.randn_like(last)
-    grads = ts.selective_scan_bwd_triton(torch.zeros_like(out), dlast, **inp, perm=None,
-                                         chunk_states=cs, delta_softplus=False, chunk_size=8)
+    grads = ts.selective_scan_bwd_triton(x, torch.zeros_like(out), dlast, cs)
     torch.testing.assert_close(grads[-1], dlast)  # the state passes through unchanged
     assert all(g.abs().sum() == 0 for g in grads[:-1] if g is not None)
 
@@ -234,15 +234,15 @@ def test_k_directions_equal_sum_of_single_scans():
     """The fused K-direction scan equals the sum of K single K=1 scans of permuted copies."""
     inp, order = make_inputs(1, 3, 4, 16, 4, 1, D=False, z=False, bias=True, init=False, perm=True,
                              dtype=torch.float32, device=DEVICE, seed=3)
-    fused, _, _ = ts.selective_scan_fwd_triton(**inp, perm=order, delta_softplus=True,
-                                               chunk_size=8)
+    fused, _, _ = ts.selective_scan_fwd_triton(
+        ScanInputs(**inp, perm=order, delta_softplus=True, chunk_size=8))
     total = torch.zeros_like(fused)
     for k in range(3):
         o = order[k]
-        y, _, _ = ts.selective_scan_fwd_triton(
+        y, _, _ = ts.selective_scan_fwd_triton(ScanInputs(
             inp["u"][..., o], inp["delta"][:, k:k + 1, :, o], inp["A"][k:k + 1],
             inp["B"][:, k:k + 1, ..., o], inp["C"][:, k:k + 1, ..., o], None, None,
-            inp["delta_bias"][k:k + 1], None, None, True, 8)
+            inp["delta_bias"][k:k + 1], None, None, True, 8))
         total[..., o] += y
     torch.testing.assert_close(fused, total, rtol=1e-5, atol=1e-5)
 
@@ -250,15 +250,11 @@ def test_k_directions_equal_sum_of_single_scans():
 @needs_kernels
 def test_matches_package_reference_k1():
     """Against the package's own reference (mamba-ssm semantics), when it exists."""
-    ref_mod = pytest.importorskip("mtssm._ops.selective_scan")
-    ref = getattr(ref_mod, "selective_scan_ref", None)
-    if ref is None:
-        pytest.skip("mtssm._ops.selective_scan.selective_scan_ref is not there yet")
     inp, _ = make_inputs(2, 1, 4, 20, 4, 2, D=True, z=True, bias=True, init=False, perm=False,
                          dtype=torch.float32, device=DEVICE)
-    out, last, _ = ts.selective_scan_fwd_triton(**inp, perm=None, delta_softplus=True,
-                                                chunk_size=8)
-    want, want_last = ref(inp["u"], inp["delta"][:, 0], inp["A"][0], inp["B"][:, 0],
+    out, last, _ = ts.selective_scan_fwd_triton(
+        ScanInputs(**inp, perm=None, delta_softplus=True, chunk_size=8))
+    want, want_last = selective_scan_ref(inp["u"], inp["delta"][:, 0], inp["A"][0], inp["B"][:, 0],
                           inp["C"][:, 0], inp["D"][0], inp["z"], inp["delta_bias"][0],
                           delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
@@ -281,16 +277,35 @@ def test_bad_input_one_line_error(bad, error, match):
     inp.update({k: v.to(DEVICE) for k, v in bad.items()})
     perm = inp.pop("perm", None)
     with pytest.raises(error, match=match) as info:
-        ts.selective_scan_fwd_triton(**inp, perm=perm, delta_softplus=False, chunk_size=4)
+        ts.selective_scan_fwd_triton(ScanInputs(**inp, perm=perm, chunk_size=4))
     assert "\n" not in str(info.value)
 
 
-def test_mamba_adapter_reports_how_to_install():
-    if ts.mamba_ssm_available():
+def test_mamba_cuda_anchor_reports_how_to_install():
+    if mamba_cuda_available():
         pytest.skip("mamba-ssm CUDA kernels are importable here")
     x = torch.zeros(1, 2, 4)
     with pytest.raises(ImportError, match="pip install"):
-        ts.selective_scan_mamba_cuda(x, x, torch.zeros(2, 4), x, x)
+        mamba_selective_scan_cuda(x, x, torch.zeros(2, 4), x, x)
+
+
+@needs_kernels
+def test_registered_triton_kernel_runs_the_op():
+    """``scan_backend("triton")`` dispatches the op (forward and backward) to the launchers: the
+    public wrapper then matches the package reference, values and gradients."""
+    g = torch.Generator().manual_seed(2)
+    u, delta = torch.randn(1, 4, 12, generator=g), torch.rand(1, 4, 12, generator=g)
+    A = -torch.rand(4, 3, generator=g) - 0.5
+    B, C = torch.randn(1, 2, 3, 12, generator=g), torch.randn(1, 2, 3, 12, generator=g)
+    D, z = torch.randn(4, generator=g), torch.randn(1, 4, 12, generator=g)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (u, delta, A, B, C, D, z)]
+    with scan_backend("triton"):
+        out = selective_scan(*leaves, delta_softplus=True, chunk_size=4)
+        got = torch.autograd.grad(out.sum(), leaves)
+    want = selective_scan_ref(*leaves, delta_softplus=True)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    for name, a, b in zip("u delta A B C D z".split(), got, torch.autograd.grad(want.sum(), leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 def test_tile_choice():
@@ -386,13 +401,13 @@ def test_large_state_cuda():
 
 
 @needs_cuda
-@pytest.mark.skipif(not ts.mamba_ssm_available(), reason="mamba-ssm CUDA kernels not importable")
+@pytest.mark.skipif(not mamba_cuda_available(), reason="mamba-ssm CUDA kernels not importable")
 def test_matches_mamba_ssm_cuda():
     inp, _ = make_inputs(2, 1, 128, 1024, 16, 1, D=True, z=True, bias=True, init=False, perm=False,
                          dtype=torch.bfloat16, device="cuda")
-    out, last, _ = ts.selective_scan_fwd_triton(**inp, perm=None, delta_softplus=True,
-                                                chunk_size=64)
-    want, want_last = ts.selective_scan_mamba_cuda(
+    out, last, _ = ts.selective_scan_fwd_triton(
+        ScanInputs(**inp, perm=None, delta_softplus=True, chunk_size=64))
+    want, want_last = mamba_selective_scan_cuda(
         inp["u"], inp["delta"][:, 0], inp["A"][0], inp["B"][:, 0], inp["C"][:, 0], inp["D"][0],
         inp["z"], inp["delta_bias"][0].float(), delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(out.float(), want.float(), rtol=3e-2, atol=3e-2)

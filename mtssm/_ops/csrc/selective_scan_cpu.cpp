@@ -23,21 +23,24 @@
 // state entries of one channel; scan_forward_lanes / scan_backward_lanes (variable B and C, small N)
 // vectorise over kLanes channels, B and C of the step being broadcast scalars (see use_lanes).
 //
-// Layouts (all contiguous; the Python side prepares them):
+// Kernel layouts (all contiguous; the op wrappers at the end of this file prepare them):
 //   u, z, out, pregate: (batch, dim, L)          delta: (batch, K, dim, L)
 //   A: (K, dim, N)      D, delta_bias: (K, dim)  perm: (K, L) int64
 //   B, C variable: (batch, K, G, L, N)  (note: L before N, so the N loop is contiguous)
 //   B, C constant: (K, dim, N)
 //   initial_state, last_state: (batch, K, dim, N)   chunk_states: (batch, K, dim, n_chunks, N)
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <tuple>
 #include <utility>
 #include <type_traits>
 #include <vector>
@@ -883,18 +886,107 @@ ScanArgs<T> make_args(const ScanShape& s, const at::Tensor& u, const at::Tensor&
   return a;
 }
 
-}  // namespace
+// ---------------------------------------------------------------------------------------------
+// The ops: argument checks, layout preparation, dispatch to the kernels.
+// ---------------------------------------------------------------------------------------------
 
-// Returns (out, last_state, chunk_states, pregate); pregate is empty without z.
-std::vector<at::Tensor> scan_fwd(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B,
-                                 at::Tensor C, at::Tensor D, at::Tensor z, at::Tensor bias,
-                                 at::Tensor init, at::Tensor perm, bool softplus_flag,
-                                 int64_t chunk) {
+using OptTensor = std::optional<at::Tensor>;
+
+bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// fp64 when u, delta, A, B or C is fp64, else fp32 (fp16 and bf16 are computed in fp32).
+at::ScalarType compute_dtype(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                             const at::Tensor& B, const at::Tensor& C) {
+  for (const at::Tensor* t : {&u, &delta, &A, &B, &C}) {
+    if (t->scalar_type() == at::kDouble) return at::kDouble;
+  }
+  return at::kFloat;
+}
+
+void check_dims(const at::Tensor& t, const char* name, const char* layout,
+                std::initializer_list<int64_t> want) {
+  TORCH_CHECK(t.dim() == static_cast<int64_t>(want.size()), "mtssm::selective_scan: ", name,
+              " must be ", layout, ", got shape ", t.sizes());
+  int64_t i = 0;
+  for (int64_t w : want) {
+    TORCH_CHECK(w < 0 || t.size(i) == w, "mtssm::selective_scan: ", name, " must be ", layout,
+                ", got shape ", t.sizes());
+    ++i;
+  }
+}
+
+// Checks every input against u: (batch, dim, L), delta: (batch, K, dim, L), A: (K, dim, N).
+void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                  const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
+                  const OptTensor& z, const OptTensor& bias, const OptTensor& init,
+                  const OptTensor& perm, int64_t chunk) {
+  check_dims(u, "u", "(batch, dim, L)", {-1, -1, -1});
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
+  check_dims(delta, "delta", "(batch, K, dim, L) like u", {batch, -1, dim, L});
+  const int64_t K = delta.size(1);
+  check_dims(A, "A", "(K, dim, N)", {K, dim, -1});
+  const int64_t N = A.size(2);
+  int64_t groups = -1;
+  for (auto [M, name] : {std::pair{&B, "B"}, std::pair{&C, "C"}}) {
+    if (M->dim() == 3) {
+      check_dims(*M, name, "(K, dim, N) or (batch, K, G, N, L)", {K, dim, N});
+      continue;
+    }
+    check_dims(*M, name, "(batch, K, G, N, L) or (K, dim, N)", {batch, K, -1, N, L});
+    const int64_t G = M->size(2);
+    TORCH_CHECK(G >= 1 && dim % G == 0, "mtssm::selective_scan: dim = ", dim,
+                " must be divisible by the groups G = ", G, " of ", name);
+    TORCH_CHECK(groups < 0 || groups == G, "mtssm::selective_scan: B and C must have the same "
+                "number of groups, got ", groups, " and ", G);
+    groups = G;
+  }
+  if (present(D)) check_dims(*D, "D", "(K, dim)", {K, dim});
+  if (present(bias)) check_dims(*bias, "delta_bias", "(K, dim)", {K, dim});
+  if (present(z)) check_dims(*z, "z", "(batch, dim, L) like u", {batch, dim, L});
+  if (present(init)) check_dims(*init, "initial_state", "(batch, K, dim, N)", {batch, K, dim, N});
+  if (present(perm)) check_dims(*perm, "perm", "(K, L)", {K, L});
+  TORCH_CHECK(chunk >= 1, "mtssm::selective_scan: chunk_size must be >= 1, got ", chunk);
+}
+
+at::Tensor prep(const at::Tensor& t, at::ScalarType cdt) { return t.to(cdt).contiguous(); }
+
+at::Tensor prep(const OptTensor& t, at::ScalarType cdt, const at::Tensor& empty) {
+  return present(t) ? prep(*t, cdt) : empty;
+}
+
+// Variable B/C (batch, K, G, N, L) to the kernel's (batch, K, G, L, N), converted in the same copy.
+at::Tensor prep_bc(const at::Tensor& M, at::ScalarType cdt) {
+  if (M.dim() != 5) return prep(M, cdt);
+  auto out = at::empty({M.size(0), M.size(1), M.size(2), M.size(4), M.size(3)},
+                       M.options().dtype(cdt));
+  out.copy_(M.transpose(-1, -2));
+  return out;
+}
+
+at::Tensor prep_perm(const OptTensor& perm, const at::Tensor& u) {
+  return present(perm) ? perm->to(at::kLong).contiguous()
+                       : at::empty({0}, u.options().dtype(at::kLong));
+}
+
+// Returns (out, last_state, chunk_states, pregate); see the schema in TORCH_LIBRARY below.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
+    const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
+    const at::Tensor& B_in, const at::Tensor& C_in, const OptTensor& D_in, const OptTensor& z_in,
+    const OptTensor& bias_in, const OptTensor& init_in, const OptTensor& perm_in,
+    bool softplus_flag, int64_t chunk) {
+  check_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in, bias_in, init_in, perm_in, chunk);
+  const auto cdt = compute_dtype(u_in, delta_in, A_in, B_in, C_in);
+  const auto empty = at::empty({0}, u_in.options().dtype(cdt));
+  const auto u = prep(u_in, cdt), delta = prep(delta_in, cdt), A = prep(A_in, cdt);
+  const auto B = prep_bc(B_in, cdt), C = prep_bc(C_in, cdt);
+  const auto D = prep(D_in, cdt, empty), z = prep(z_in, cdt, empty);
+  const auto bias = prep(bias_in, cdt, empty), init = prep(init_in, cdt, empty);
+  const auto perm = prep_perm(perm_in, u);
   const ScanShape s = make_shape(u, delta, A, B, C, D, z, bias, init, perm, softplus_flag, chunk);
   auto out = at::empty_like(u);
   auto last = at::empty({s.batch, s.K, s.dim, s.N}, u.options());
   auto chunk_states = at::empty({s.batch, s.K, s.dim, s.n_chunks, s.N}, u.options());
-  auto pregate = s.has_z ? at::empty_like(u) : at::empty({0}, u.options());
+  auto pregate = s.has_z ? at::empty_like(u) : empty;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "mtssm_scan_fwd", [&] {
     const auto a = make_args<scalar_t>(s, u, delta, A, B, C, D, z, bias, init, perm);
     dispatch_state_size(s.N, [&](auto ns) {
@@ -905,17 +997,50 @@ std::vector<at::Tensor> scan_fwd(at::Tensor u, at::Tensor delta, at::Tensor A, a
           chunk_states.data_ptr<scalar_t>(), s.has_z ? pregate.data_ptr<scalar_t>() : nullptr);
     });
   });
-  return {out, last, chunk_states, pregate};
+  return {out.to(u_in.scalar_type()), last, chunk_states, pregate};
 }
 
-// Returns (du, ddelta, dA, dB, dC, dD, dz, dbias, dinit); absent inputs give empty tensors.
-// dB / dC come back in the layout they were given in ((batch, K, G, L, N) or (K, dim, N)).
-std::vector<at::Tensor> scan_bwd(at::Tensor dout, at::Tensor dlast, at::Tensor u,
-                                 at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor C,
-                                 at::Tensor D, at::Tensor z, at::Tensor bias, at::Tensor init,
-                                 at::Tensor perm, at::Tensor chunk_states, at::Tensor pregate,
-                                 bool softplus_flag, int64_t chunk) {
+// The gradient of one input in its own dtype (contiguous), or an empty tensor for an absent one.
+at::Tensor grad_as(const at::Tensor& g, const OptTensor& input, const at::Tensor& u_in) {
+  return present(input) ? g.to(input->scalar_type()).contiguous() : at::empty({0}, u_in.options());
+}
+
+// Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state) in the inputs' shapes and
+// dtypes; absent optional inputs give empty tensors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+selective_scan_backward_cpu(const at::Tensor& dout_in, const OptTensor& dlast_in,
+                            const at::Tensor& u_in, const at::Tensor& delta_in,
+                            const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& C_in,
+                            const OptTensor& D_in, const OptTensor& z_in,
+                            const OptTensor& bias_in, const OptTensor& init_in,
+                            const OptTensor& perm_in, const at::Tensor& chunk_states,
+                            const at::Tensor& pregate, bool softplus_flag, int64_t chunk) {
+  check_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in, bias_in, init_in, perm_in, chunk);
+  const auto cdt = chunk_states.scalar_type();
+  TORCH_CHECK(cdt == compute_dtype(u_in, delta_in, A_in, B_in, C_in),
+              "mtssm::selective_scan_backward: chunk_states has dtype ", cdt,
+              ", not the forward's compute dtype");
+  const auto empty = at::empty({0}, u_in.options().dtype(cdt));
+  const auto u = prep(u_in, cdt), delta = prep(delta_in, cdt), A = prep(A_in, cdt);
+  const auto B = prep_bc(B_in, cdt), C = prep_bc(C_in, cdt);
+  const auto D = prep(D_in, cdt, empty), z = prep(z_in, cdt, empty);
+  const auto bias = prep(bias_in, cdt, empty), init = prep(init_in, cdt, empty);
+  const auto perm = prep_perm(perm_in, u);
+  const auto dout = prep(dout_in, cdt), dlast = prep(dlast_in, cdt, empty);
   const ScanShape s = make_shape(u, delta, A, B, C, D, z, bias, init, perm, softplus_flag, chunk);
+  check_dims(dout, "dout", "(batch, dim, L) like u", {s.batch, s.dim, s.L});
+  check_dims(chunk_states, "chunk_states", "(batch, K, dim, n_chunks, N)",
+             {s.batch, s.K, s.dim, s.n_chunks, s.N});
+  TORCH_CHECK(chunk_states.is_contiguous(), "mtssm::selective_scan_backward: chunk_states must "
+              "be contiguous");
+  if (s.has_z) {
+    check_dims(pregate, "pregate", "(batch, dim, L) like u", {s.batch, s.dim, s.L});
+    TORCH_CHECK(pregate.scalar_type() == cdt && pregate.is_contiguous(),
+                "mtssm::selective_scan_backward: pregate must be contiguous in the compute dtype");
+  }
+  const bool has_dlast = dlast.numel() > 0;
+  if (has_dlast) check_dims(dlast, "dlast_state", "(batch, K, dim, N)", {s.batch, s.K, s.dim, s.N});
   auto opts = u.options();
   auto du = at::empty_like(u);
   auto ddelta = at::empty_like(delta);
@@ -926,26 +1051,57 @@ std::vector<at::Tensor> scan_bwd(at::Tensor dout, at::Tensor dlast, at::Tensor u
   auto dz = s.has_z ? at::empty_like(z) : at::empty({0}, opts);
   auto dbias = s.has_bias ? at::zeros_like(bias) : at::empty({0}, opts);
   auto dinit = s.has_init ? at::empty_like(init) : at::empty({0}, opts);
-  const bool has_dlast = dlast.defined() && dlast.numel() > 0;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "mtssm_scan_bwd", [&] {
     const auto a = make_args<scalar_t>(s, u, delta, A, B, C, D, z, bias, init, perm);
     dispatch_state_size(s.N, [&](auto ns) {
-    auto bwd = use_lanes(s) ? scan_backward_lanes<scalar_t, decltype(ns)::value>
-                            : scan_backward<scalar_t, decltype(ns)::value>;
-    bwd(
-        s, a, dout.data_ptr<scalar_t>(), has_dlast ? dlast.data_ptr<scalar_t>() : nullptr,
-        chunk_states.data_ptr<scalar_t>(), s.has_z ? pregate.data_ptr<scalar_t>() : nullptr,
-        du.data_ptr<scalar_t>(), ddelta.data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(),
-        dB.data_ptr<scalar_t>(), dC.data_ptr<scalar_t>(),
-        s.has_D ? dD.data_ptr<scalar_t>() : nullptr, s.has_z ? dz.data_ptr<scalar_t>() : nullptr,
-        s.has_bias ? dbias.data_ptr<scalar_t>() : nullptr,
-        s.has_init ? dinit.data_ptr<scalar_t>() : nullptr);
+      auto bwd = use_lanes(s) ? scan_backward_lanes<scalar_t, decltype(ns)::value>
+                              : scan_backward<scalar_t, decltype(ns)::value>;
+      bwd(
+          s, a, dout.data_ptr<scalar_t>(), has_dlast ? dlast.data_ptr<scalar_t>() : nullptr,
+          chunk_states.data_ptr<scalar_t>(), s.has_z ? pregate.data_ptr<scalar_t>() : nullptr,
+          du.data_ptr<scalar_t>(), ddelta.data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(),
+          dB.data_ptr<scalar_t>(), dC.data_ptr<scalar_t>(),
+          s.has_D ? dD.data_ptr<scalar_t>() : nullptr, s.has_z ? dz.data_ptr<scalar_t>() : nullptr,
+          s.has_bias ? dbias.data_ptr<scalar_t>() : nullptr,
+          s.has_init ? dinit.data_ptr<scalar_t>() : nullptr);
     });
   });
-  return {du, ddelta, dA, dB, dC, dD, dz, dbias, dinit};
+  // The kernels give variable dB / dC in their (batch, K, G, L, N) layout.
+  if (s.variable_B) dB = dB.transpose(-1, -2);
+  if (s.variable_C) dC = dC.transpose(-1, -2);
+  return {grad_as(du, u_in, u_in),       grad_as(ddelta, delta_in, u_in),
+          grad_as(dA, A_in, u_in),       grad_as(dB, B_in, u_in),
+          grad_as(dC, C_in, u_in),       grad_as(dD, D_in, u_in),
+          grad_as(dz, z_in, u_in),       grad_as(dbias, bias_in, u_in),
+          grad_as(dinit, init_in, u_in)};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("scan_fwd", &scan_fwd, "mtssm selective scan forward (CPU)");
-  m.def("scan_bwd", &scan_bwd, "mtssm selective scan backward (CPU)");
+}  // namespace
+
+// The schemas of the mtssm scan ops: the one definition of their signatures. Where this library
+// cannot be built, mtssm/_ops/_library.py reads these strings from this file and defines the same
+// ops from Python. Keep each schema as C string literals inside one m.def( ... ).
+//
+// mtssm::selective_scan: the unified K-direction scan (shapes in the comment at the top of this
+// file, before the kernels' own layouts: B, C variable are (batch, K, G, N, L) here). Returns
+// (out (batch, dim, L) in u's dtype, last_state (batch, K, dim, N), chunk_states
+// (batch, K, dim, n_chunks, N), pregate (batch, dim, L), empty without z), the last three in the
+// compute dtype (fp64 when u, delta, A, B or C is fp64, else fp32).
+// mtssm::selective_scan_backward: the gradients of the inputs, in their shapes and dtypes.
+TORCH_LIBRARY(mtssm, m) {
+  m.def(
+      "selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+      "Tensor? z, Tensor? delta_bias, Tensor? initial_state, Tensor? perm, bool delta_softplus, "
+      "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "selective_scan_backward(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, "
+      "Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+      "Tensor? initial_state, Tensor? perm, Tensor chunk_states, Tensor pregate, "
+      "bool delta_softplus, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mtssm, CPU, m) {
+  m.impl("selective_scan", &selective_scan_cpu);
+  m.impl("selective_scan_backward", &selective_scan_backward_cpu);
 }
