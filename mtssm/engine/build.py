@@ -49,8 +49,17 @@ def build_model(cfg: RecipeConfig, *, load_weights: bool = True, echo: Any = pri
         raise ValueError(f"model.name: unknown model {cfg.model.name!r}; valid models: {', '.join(list_models())}")
     args: dict[str, Any] = {"dataset": cfg.data.dataset, "tasks": recipe_tasks(cfg), **cfg.model.args}
     if load_weights:
-        args.update(weights=cfg.model.weights, encoder_weights=cfg.model.encoder_weights)
+        args.update(weights=_weights_file(cfg.model.weights), encoder_weights=cfg.model.encoder_weights)
     return create_model(cfg.model.name, echo=echo, **args)
+
+
+def _weights_file(path: str | None) -> str | None:
+    """``model.weights`` as a file: an mtssm run or checkpoint folder becomes its ``model.safetensors``."""
+    if path is None or not Path(path).expanduser().is_dir():
+        return path
+    from mtssm.engine.checkpoint import MODEL_FILE, resolve_checkpoint
+
+    return str(resolve_checkpoint(Path(path).expanduser()) / MODEL_FILE)
 
 
 def render_cache_dir(cfg: RecipeConfig) -> Path:

@@ -5,7 +5,8 @@ Layout of a run directory::
     RUN/config.yaml                      the resolved recipe
     RUN/metrics.jsonl                    training and evaluation records, one JSON object a line
     RUN/checkpoints/step_00000100/       one checkpoint
-        model.safetensors                weights; metadata holds the recipe (JSON) and the step
+        model.safetensors                weights; metadata holds the recipe (JSON), the step and the
+                                         model's input normalisation (JSON)
         state.pt                         optimizer, scheduler, data-loader position, RNG states, step
     RUN/checkpoints/latest               the name of the newest complete checkpoint
 
@@ -29,6 +30,8 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import nn
+
+from mtssm.nn.pretrained import NORMALIZATION_KEY, normalization_metadata, recorded_normalization
 
 __all__ = [
     "MODEL_FILE",
@@ -136,6 +139,9 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         metadata = {"mtssm_config": json.dumps(config), "step": str(step)}
+        stats = getattr(model, "input_normalization", None)
+        if stats is not None:
+            metadata[NORMALIZATION_KEY] = normalization_metadata(stats)
         safetensors.torch.save_file(_model_tensors(model), str(tmp / MODEL_FILE), metadata=metadata)
         torch.save({**state, "step": step}, tmp / STATE_FILE)
         for f in (MODEL_FILE, STATE_FILE):
@@ -206,10 +212,13 @@ def read_checkpoint_config(ckpt: str | Path) -> tuple[dict[str, Any], int]:
 
 
 def load_model_weights(model: nn.Module, ckpt: str | Path, strict: bool = True) -> None:
-    """Load a checkpoint's weights into ``model`` in place."""
+    """Load a checkpoint's weights into ``model`` in place, with the input normalisation it records."""
     path = resolve_checkpoint(ckpt) / MODEL_FILE
     tensors = safetensors.torch.load_file(str(path), device="cpu")
     model.load_state_dict(tensors, strict=strict)
+    stats = recorded_normalization(path)
+    if stats is not None and hasattr(model, "set_input_normalization"):
+        model.set_input_normalization(*stats)
 
 
 def load_train_state(ckpt: str | Path) -> dict[str, Any]:

@@ -69,11 +69,11 @@ def _recipe_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _resolve(ckpt: Path | None, recipe: str | None, weights: Path | None, encoder_weights: Path | None,
-             overrides: tuple[str, ...], device: str = "cpu") -> Any:
+             overrides: tuple[str, ...], device: str = "cpu", before_load: Callable[[Any], None] | None = None) -> Any:
     from mtssm.engine.resolve import resolve_model
 
     return resolve_model(ckpt, recipe=recipe, weights=weights, encoder_weights=encoder_weights,
-                         overrides=overrides, device=device, echo=click.echo)
+                         overrides=overrides, device=device, echo=click.echo, before_load=before_load)
 
 
 @click.group("recipe")
@@ -204,8 +204,10 @@ def evaluate(ckpt: Path | None, data_root: Path | None, data: str | None, out: P
 
     keep_freed_memory()  # as in training: every batch reuses the same large buffers
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg, step = _resolve(ckpt, recipe, weights, encoder_weights, overrides, device)
-    root = resolve_data_root(cfg, data_root, data, echo=click.echo)
+    roots: list[Path] = []
+    model, cfg, step = _resolve(ckpt, recipe, weights, encoder_weights, overrides, device,
+                                before_load=lambda c: roots.append(resolve_data_root(c, data_root, data, click.echo)))
+    root = roots[0]
     result = run_eval(
         model, build_eval_set(cfg, root, model_normalization(model)), tasks=list(model.tasks),
         dataset_name=cfg.data.dataset, batch_size=cfg.data.eval_batch_size, device=device,
@@ -236,6 +238,9 @@ def predict(paths: tuple[Path, ...], out: Path, recipe: str | None, overrides: t
         raise ValueError("no IMAGE given: mtssm predict CKPT IMAGE... --out DIR")
     if ckpt is not None and not ckpt.exists():
         raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist")
+    for image in images:  # before loading anything
+        if not image.is_file():
+            raise FileNotFoundError(f"image {str(image)!r} does not exist")
     model, _, _ = _resolve(ckpt, recipe, weights, encoder_weights, overrides)
     files = predict_images(model, images, out)
     click.echo(f"wrote {len(files)} images to {out}")

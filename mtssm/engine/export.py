@@ -2,8 +2,8 @@
 
 The saved program takes images ``(B, 3, H, W)`` (normalised with the model's own statistics, H
 and W multiples of 32, the shape given at export time) and returns a plain ``dict``
-``{task: (B, C_t, H, W)}``. The statistics travel with the program: as its buffers ``input_mean``
-and ``input_std`` and as the extra file ``normalization.json`` (``{"mean": [...], "std": [...]}``).
+``{task: (B, C_t, H, W)}``. The statistics travel with the program as its extra file
+``normalization.json`` (``{"mean": [...], "std": [...]}``).
 Load it with::
 
     import json, mtssm, torch    # importing mtssm registers the torch.ops.mtssm custom ops

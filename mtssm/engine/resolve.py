@@ -29,12 +29,15 @@ def resolve_model(
     overrides: Sequence[str] = (),
     device: str | torch.device = "cpu",
     echo: Callable[[str], None] = print,
+    before_load: Callable[[Any], None] | None = None,
 ) -> tuple[nn.Module, Any, int]:
     """The model to run, in eval mode on ``device``, its recipe config, and its training step (0
     when the weights do not say).
 
     Give ``checkpoint`` (an mtssm checkpoint), or ``weights`` with or without ``recipe``: without a
-    recipe, ``weights`` must be an mtssm checkpoint. Every mistake raises one line.
+    recipe, ``weights`` must be an mtssm checkpoint. ``before_load(cfg)`` runs once the recipe is
+    known and before any weights are read (to fail on a missing dataset before printing anything).
+    Every mistake raises one line.
     """
     if checkpoint is not None and weights is not None:
         raise ValueError("give the checkpoint as CKPT or as --weights FILE, not both")
@@ -44,10 +47,12 @@ def resolve_model(
             raise ValueError("nothing to load: give a checkpoint (CKPT), or --recipe NAME --weights FILE")
         if encoder_weights is not None or overrides:
             raise ValueError("--encoder-weights and --set apply to a model built from --recipe NAME")
+        from mtssm.engine.checkpoint import read_checkpoint_config
+        from mtssm.engine.config import config_from_dict
         from mtssm.engine.predict import load_model_from_checkpoint
 
         try:
-            model, cfg, step = load_model_from_checkpoint(source, device=device)
+            cfg = config_from_dict(read_checkpoint_config(source)[0])
         except (ValueError, FileNotFoundError) as exc:
             if not Path(source).exists():
                 raise
@@ -55,6 +60,9 @@ def resolve_model(
                 f"{source} is not an mtssm checkpoint ({' '.join(str(exc).split())}); pass --recipe NAME "
                 f"to say which model its weights are for"
             ) from None
+        if before_load is not None:
+            before_load(cfg)
+        model, cfg, step = load_model_from_checkpoint(source, device=device)
         echo(f"weights: {source} (mtssm checkpoint, step {step}); input normalisation {_norm(model)}")
         return model, cfg, step
     if source is None:
@@ -67,6 +75,8 @@ def resolve_model(
     cfg.model.weights = str(source)
     if encoder_weights is not None:
         cfg.model.encoder_weights = str(encoder_weights)
+    if before_load is not None:
+        before_load(cfg)
     model = build_model(cfg, echo=echo)
     step = _checkpoint_step(source)
     echo(f"input normalisation {_norm(model)}")

@@ -116,9 +116,6 @@ def load_model_weights(model: nn.Module, path: str | Path) -> WeightsReport:
         path=str(path), layout=layout, loaded=sorted(fitting), missing=sorted(result.missing_keys),
         unexpected=unexpected,
     )
-    if "input_mean" in state and "input_std" in state:
-        report.mean = tuple(float(v) for v in state["input_mean"].tolist())  # type: ignore[assignment]
-        report.std = tuple(float(v) for v in state["input_std"].tolist())  # type: ignore[assignment]
     if meta.get("mtssm_config"):
         json.loads(meta["mtssm_config"])  # a corrupt header fails here, not later
     return report

@@ -12,14 +12,15 @@ Contract between the parts (``B`` batch, ``H, W`` input size):
   from :mod:`mtssm.nn.tasks`.
 
 Images enter normalised: ``(rgb / 255 - mean) / std`` with the model's own statistics,
-:attr:`MultiTaskModel.input_normalization` (buffers ``input_mean``/``input_std``, saved in every
-checkpoint), which the data pipeline, ``predict`` and ``export`` read from the model.
+:attr:`MultiTaskModel.input_normalization`, which the data pipeline, ``predict`` and ``export`` read
+from the model. They are metadata, not weights: kept in non-persistent buffers (outside
+``state_dict``, so every weights file loads unchanged) and saved in a checkpoint's metadata
+(:data:`mtssm.nn.pretrained.NORMALIZATION_KEY`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from tensordict import TensorDict
@@ -30,7 +31,6 @@ from mtssm.nn.layers import resize_bilinear
 __all__ = ["ExportableModel", "MultiTaskModel", "feature_channels"]
 
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-_NORM_BUFFERS = ("input_mean", "input_std")
 
 
 def feature_channels(encoder: nn.Module) -> list[int]:
@@ -72,11 +72,10 @@ class MultiTaskModel(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.heads = heads
-        # Persistent (in state_dict and checkpoints), float32, on the model's device; a state dict
-        # without them (an official checkpoint, an older mtssm one) keeps the current values.
+        # float32 on the model's device, outside state_dict (see the module docstring)
         device = next((p.device for p in self.parameters()), None)
-        self.register_buffer("input_mean", torch.empty(3, device=device))
-        self.register_buffer("input_std", torch.empty(3, device=device))
+        self.register_buffer("input_mean", torch.empty(3, device=device), persistent=False)
+        self.register_buffer("input_std", torch.empty(3, device=device), persistent=False)
         self.set_input_normalization(*normalization)
 
     @property
@@ -95,15 +94,6 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"normalization: expected 3 means and 3 positive stds, got mean={mean}, std={std}")
         self.input_mean.copy_(torch.tensor(mean))
         self.input_std.copy_(torch.tensor(std))
-
-    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, local_metadata: Any,
-                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        for name in _NORM_BUFFERS:  # optional: absent from official checkpoints
-            if prefix + name in missing_keys:
-                missing_keys.remove(prefix + name)
 
     def aux_losses(self) -> dict[str, Tensor]:
         """Auxiliary training losses of the last forward, by name (``{"load_balancing": ...}`` for

@@ -14,10 +14,12 @@ otherwise: the paper pipeline's for a paper model, else its encoder's (``ENCODER
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = [
     "IMAGENET_STATS",
     "INCEPTION_STATS",
+    "NORMALIZATION_KEY",
     "PAPER_WEIGHTS",
     "Normalization",
     "PaperWeights",
@@ -27,6 +29,10 @@ __all__ = [
 
 #: ``(mean, std)`` per RGB channel, for images scaled to [0, 1].
 Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+#: The safetensors metadata key under which an mtssm checkpoint records its model's input
+#: statistics, as JSON ``{"mean": [...], "std": [...]}``.
+NORMALIZATION_KEY = "mtssm_input_normalization"
 
 IMAGENET_STATS: Normalization = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INCEPTION_STATS: Normalization = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -126,3 +132,31 @@ def default_normalization(model_name: str, encoder_name: str) -> Normalization:
     if "mean" in meta and "std" in meta:
         return tuple(meta["mean"]), tuple(meta["std"])  # type: ignore[return-value]
     return IMAGENET_STATS
+
+
+def normalization_metadata(stats: Normalization) -> str:
+    """``stats`` as the JSON stored under :data:`NORMALIZATION_KEY`."""
+    import json
+
+    return json.dumps({"mean": list(stats[0]), "std": list(stats[1])})
+
+
+def recorded_normalization(path: str | Path) -> Normalization | None:
+    """The input statistics a ``.safetensors`` weights file records under :data:`NORMALIZATION_KEY`
+    (an mtssm checkpoint's ``model.safetensors``), or None (another file, or none recorded)."""
+    import json
+
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        data = json.loads(meta[NORMALIZATION_KEY]) if NORMALIZATION_KEY in meta else None
+    except Exception:  # an unreadable file is the weights loader's to report
+        return None
+    if not isinstance(data, dict):
+        return None
+    return tuple(data["mean"]), tuple(data["std"])  # type: ignore[return-value]

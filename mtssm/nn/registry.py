@@ -33,7 +33,7 @@ from mtssm.nn.mtmamba import build_mtmamba
 from mtssm.nn.mtmamba_pp import build_mtmamba_pp
 from mtssm.nn.msm import build_msm
 from mtssm.nn.pamm import build_pamm
-from mtssm.nn.pretrained import default_normalization, paper_weights
+from mtssm.nn.pretrained import default_normalization, paper_weights, recorded_normalization
 from mtssm.nn.tasks import resolve_tasks
 
 try:
@@ -236,8 +236,10 @@ def load_weights(
     """Load ``encoder_weights`` into ``model.encoder``, then whole-model ``weights`` into ``model``.
 
     Returns the reports (each also passed to ``echo`` as one line). A file whose keys do not fit
-    raises a one-line ``ValueError``. Input statistics a file records become the model's, except
-    an encoder file's when ``keep_normalization`` (a paper model keeps its official pipeline's).
+    raises a one-line ``ValueError``. Input statistics a file records (an mtssm checkpoint's
+    metadata, or what its layout implies) become the model's, except an encoder file's when
+    ``keep_normalization`` (a paper model keeps its official pipeline's). An mtssm checkpoint is
+    given as its ``model.safetensors`` file.
     """
     reports: list[WeightsReport] = []
     for what, path in (("encoder weights", encoder_weights), ("weights", weights)):
@@ -251,7 +253,10 @@ def load_weights(
             echo(f"{what}: {report.summary()}")
         if not report.ok:
             raise ValueError(f"{what} {path} do not fit the model: {report.summary()}")
-        if report.mean is not None and report.std is not None and not (what != "weights" and keep_normalization):
-            model.set_input_normalization(report.mean, report.std)
+        stats = recorded_normalization(path) if what == "weights" else None  # an mtssm checkpoint's
+        if stats is None and report.mean is not None and report.std is not None:
+            stats = (report.mean, report.std)
+        if stats is not None and not (what != "weights" and keep_normalization):
+            model.set_input_normalization(*stats)
         reports.append(report)
     return reports

@@ -132,10 +132,19 @@ def test_create_model_loads_encoder_weights_and_reports(tmp_path):
     assert create_model("mtmamba_tiny", encoder_weights="none", echo=None).weights_reports == []
 
 
+def test_normalization_is_metadata_not_weights(tmp_path):
+    model = create_model("mtmamba_tiny", echo=None)
+    assert not any(k.startswith("input_") for k in model.state_dict())  # every weights file loads unchanged
+    ckpt, _ = _checkpoint(tmp_path)
+    from mtssm.nn.pretrained import recorded_normalization
+
+    assert recorded_normalization(ckpt / "model.safetensors") == STATS
+
+
 def test_create_model_loads_a_whole_model_with_its_normalization(tmp_path):
     ckpt, donor = _checkpoint(tmp_path)
     lines: list[str] = []
-    model = create_model("mtmamba_tiny", weights=ckpt, echo=lines.append)
+    model = create_model("mtmamba_tiny", weights=ckpt / "model.safetensors", echo=lines.append)
     for k, v in donor.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
     assert model.input_normalization == STATS
@@ -153,7 +162,7 @@ def test_create_model_weights_errors_are_one_line(tmp_path):
         assert "\n" not in str(info.value) and "junk.pth" in str(info.value)
     other, _ = _checkpoint(tmp_path, "msm_tiny")
     with pytest.raises(ValueError) as info:
-        create_model("mtmamba_tiny", weights=other, echo=None)
+        create_model("mtmamba_tiny", weights=other / "model.safetensors", echo=None)
     assert "\n" not in str(info.value) and "do not fit" in str(info.value)
 
 
@@ -229,7 +238,7 @@ def test_export_carries_the_normalization(tmp_path):
     extra = {NORMALIZATION_FILE: ""}
     program = torch.export.load(out, extra_files=extra)
     assert json.loads(extra[NORMALIZATION_FILE]) == {"mean": list(STATS[0]), "std": list(STATS[1])}
-    assert torch.equal(program.state_dict["model.input_std"], torch.tensor(STATS[1]))
+    assert program.module()(torch.zeros(1, 3, 32, 32))["depth"].shape == (1, 1, 32, 32)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ is (B, C_i, ceil(H / s_i), ceil(W / s_i)) with ``(C_i, s_i) = encoder.feature_in
 (:class:`FeatureInfo`).
 
 >>> enc = create_encoder("swin_large")            # Swin-L/4, window 12: C = 192, 384, 768, 1536
->>> load_encoder_weights(enc, "swin_large_patch4_window12_384_22k.pth")  # doctest: +SKIP
+>>> load_encoder_weights(enc, "swin_large_patch4_window12_384_22kto1k.pth")  # doctest: +SKIP
 >>> [f.stride for f in enc.feature_info]
 [4, 8, 16, 32]
 
@@ -101,7 +101,12 @@ ENCODER_WEIGHTS: dict[str, dict[str, Any]] = {
         checkpoints=("swin_base_patch4_window12_384_22k.pth", "timm swin_base_patch4_window12_384"), **_IMAGENET
     ),
     "swin_large": dict(
-        checkpoints=("swin_large_patch4_window12_384_22k.pth", "timm swin_large_patch4_window12_384"), **_IMAGENET
+        checkpoints=(
+            "swin_large_patch4_window12_384_22kto1k.pth",  # what MTMamba, MTMamba++ and MSM start from
+            "swin_large_patch4_window12_384_22k.pth",
+            "timm swin_large_patch4_window12_384",
+        ),
+        **_IMAGENET,
     ),
     "vit_small": dict(checkpoints=("timm vit_small_patch16_384.augreg_in21k_ft_in1k",), **_INCEPTION),
     "vit_base": dict(checkpoints=("timm vit_base_patch16_384.augreg_in21k_ft_in1k",), **_INCEPTION),
