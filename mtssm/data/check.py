@@ -18,7 +18,10 @@ def check_dataset(root: str | os.PathLike, layout: str) -> list[str]:
     """Read every sample of every split of the ``layout`` dataset at ``root`` with all its tasks.
 
     Returns one line per problem, ``"<path>: <what is wrong and what was expected>"``; an empty
-    list means the copy is sound. A missing root, folder or split file is reported as a problem.
+    list means the copy is sound. A missing root, folder or split file, and a split file with lines
+    that are not UTF-8 (by line number), are reported as problems. Targets are checked for what a
+    sensor can give: depth finite and within the dataset's range
+    (:data:`mtssm.data.constants.DEPTH_RANGE`), decoded normals finite.
     """
     if layout not in DATASETS:
         raise ValueError(f"layout must be one of {sorted(DATASETS)}, got {layout!r}")
@@ -31,7 +34,7 @@ def check_dataset(root: str | os.PathLike, layout: str) -> list[str]:
     for split in splits:
         try:
             ds = cls(root, split)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, DataFileError) as exc:  # no split file, or one that is not text
             problems.append(str(exc))
             continue
         if len(ds) == 0:

@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["DataFileError", "read_image", "read_label_png", "read_npy", "read_mat", "check_size"]
+__all__ = [
+    "DataFileError", "check_depth_range", "check_finite", "check_size", "read_image", "read_label_png",
+    "read_lines", "read_mat", "read_npy",
+]
 
 
 class DataFileError(ValueError):
@@ -91,3 +94,54 @@ def check_size(path: Path, arr: np.ndarray, size: tuple[int, int]) -> None:
         raise DataFileError(
             path, f"size {tuple(arr.shape[:2])} does not match the image size {tuple(size)}"
         )
+
+
+def check_finite(path: Path, arr: np.ndarray, what: str) -> None:
+    """Raise if float ``arr`` (decoded from ``path``) holds a NaN or an infinity."""
+    if arr.size and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):  # NaN propagates to min
+        raise DataFileError(path, f"{what} holds NaN or infinite values")
+
+
+def check_depth_range(path: Path, depth: np.ndarray, max_depth: float) -> None:
+    """Raise unless float depth ``(H, W)`` in metres is finite and 0 (no reading) or in
+    ``(0, max_depth]``, the range of the dataset's sensor."""
+    if not depth.size:
+        return
+    lo, hi = depth.min(), depth.max()  # two reductions (NaN propagates), no full-size masks
+    if lo >= 0 and hi <= max_depth:
+        return
+    if lo >= 0 and np.isfinite(hi):
+        raise DataFileError(
+            path,
+            f"depth up to {hi:.4g} m is beyond the sensor's range (expected 0 = no reading, or up to "
+            f"{max_depth:g} m; a fill value, or not in metres?)",
+        )
+    raise DataFileError(
+        path, f"depth holds negative or non-finite values (min {lo:.4g}, max {hi:.4g}; expected 0..{max_depth:g} m)"
+    )
+
+
+def read_lines(path: Path) -> list[str]:
+    """The non-empty lines of text file ``path``, stripped (UTF-8, a leading byte-order mark
+    ignored); a line that is not UTF-8 raises naming its number."""
+    if not path.is_file():
+        raise DataFileError(path, "file is missing")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataFileError(path, f"cannot be read ({type(exc).__name__}: {exc})") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    lines, bad = [], []
+    for number, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            bad.append(number)
+            continue
+        if text:
+            lines.append(text)
+    if bad:
+        which = f"line {bad[0]} is" if len(bad) == 1 else f"lines {', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''} are"
+        raise DataFileError(path, f"{which} not UTF-8 text (expected one sample id a line)")
+    return lines

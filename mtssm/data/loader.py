@@ -32,7 +32,7 @@ from mtssm.runtime import keep_freed_memory
 __all__ = ["SeededSampler", "collate", "finalize_batch", "make_dataloader"]
 
 _LABEL_KEYS = ("semseg", "human_parts", "sal")
-_ENCODED_NORMAL_PAD = 128  # the code of an invalid (zero) normal, see mtssm.data.transforms
+_ENCODED_NORMAL_PAD = 128  # an invalid flag in every channel of the normal codes, see mtssm.data.datasets
 
 
 class _SeededIterator(Iterator[tuple[int, int]]):
@@ -103,19 +103,20 @@ def _pad_value(key: str, t: torch.Tensor) -> float:
 def collate(samples: Sequence[dict[str, Any] | None]) -> TensorDict:
     """Stack samples (from :class:`mtssm.data.transforms.ToTensor`, compact or not) into a
     TensorDict with batch size [B]; ``None`` (skipped) samples are dropped. Samples of different
-    sizes are padded at the bottom/right to the largest (image 0, labels 255, depth and normals 0,
-    normal codes 128 which decode to 0; a compact uint8 image is padded with level 0); ``meta`` is
+    sizes are padded at the bottom/right, key by key, to the largest of that key (image 0, labels
+    255, depth and normals 0, normal codes 128 whose flag is invalid; a compact uint8 image is
+    padded with level 0; labels may be larger than the image, see ResizeImage); ``meta`` is
     a non-tensor stack of ``{"id", "size"}`` dicts whose ``size`` (H, W) says where to crop back."""
     kept = [s for s in samples if s is not None]
     if not kept:
         return TensorDict({}, batch_size=[0])
-    h = max(s["image"].shape[-2] for s in kept)
-    w = max(s["image"].shape[-1] for s in kept)
     in_worker = torch.utils.data.get_worker_info() is not None
     data = {}
     for key in kept[0]:
         if key == "meta":
             continue
+        h = max(s[key].shape[-2] for s in kept)
+        w = max(s[key].shape[-1] for s in kept)
         parts = [_pad(s[key], h, w, _pad_value(key, s[key])) for s in kept]
         out = None
         if in_worker:  # write straight into shared memory, as default_collate does
@@ -131,9 +132,10 @@ def collate(samples: Sequence[dict[str, Any] | None]) -> TensorDict:
 def finalize_batch(batch: TensorDict, pin_memory: bool = False,
                    normalization: tuple[Sequence[float], Sequence[float]] | None = None) -> TensorDict:
     """A compact batch (from ``ToTensor(compact=True)`` samples) -> the batch contract: ``image``
-    uint8 (B, 3, H, W) -> float32 normalised with ``normalization`` (``(mean, std)``; None: ImageNet's); ``semseg``, ``human_parts``, ``sal`` ->
-    int64 (B, H, W); ``edge`` uint8 (B, 1, H, W) -> float32; ``normals`` uint8 (B, 3, H, W) codes
-    -> float32 unit vectors (0 where invalid). Keys already in their final dtype, and ``meta``,
+    uint8 (B, 3, H, W) -> float32 normalised with ``normalization`` (``(mean, std)``; None:
+    ImageNet's); ``semseg``, ``human_parts``, ``sal`` -> int64 (B, H, W); ``edge`` uint8 (B, 1, H, W)
+    -> float32; ``normals`` uint8 (B, 4, H, W) codes -> float32 (B, 3, H, W) normals (0 where
+    invalid, see ``mtssm.data.datasets.decode_normals``). Keys already in their final dtype, and ``meta``,
     are kept as they are. With ``pin_memory`` every tensor of the result is in pinned memory."""
 
     if not isinstance(batch, TensorDict):
@@ -153,7 +155,8 @@ def finalize_batch(batch: TensorDict, pin_memory: bool = False,
             np.copyto(dst.numpy(), t.numpy(), casting="unsafe")  # numpy: one thread, see normalize_image
             t = dst
         elif key == "normals" and t.dtype == torch.uint8:
-            codes, n = t.numpy(), empty(t, torch.float32)
+            codes = t.numpy()
+            n = torch.empty((t.shape[0], 3) + tuple(t.shape[2:]), dtype=torch.float32, pin_memory=pin_memory)
             for i, dst in enumerate(n.numpy()):
                 decode_normals(codes[i].transpose(1, 2, 0), channels_first=True, out=dst)
             t = n

@@ -10,7 +10,7 @@ of vectorised numpy operations over the pixels inside its projected bounding box
 Every pixel gets: an RGB colour (per-class base colour and texture, Lambertian shading from a point
 light with the true surface normal, gamma 2.2), the z-depth in metres (0 where glass - windows and
 mirrors - gives no depth reading, as Kinect does), the camera-frame unit normal (x right, y down,
-z forward; 0 where the depth is invalid), the class, the object instance, the human part, and
+z forward; valid on glass too, as NYUD-MT's dense normals are), the class, the object instance, the human part, and
 boundaries (pixels of the nearer object where two instances meet). Scenes are deterministic per
 seed, and :meth:`Scene.mirrored` gives the exact mirror image, which tests use to check that the
 flip augmentation keeps every task consistent.
@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from mtssm.data.constants import PASCAL_PERSON_CLASS
+from mtssm.data.constants import PASCAL_PERSON_CLASS, RENDER_MARKER
 
 __all__ = ["Primitive", "Scene", "random_scene", "render_scene", "render_scenes"]
 
@@ -73,6 +73,11 @@ _NYUD_TO_VOC = {5: 9, 6: 18, 7: 11, 14: 11, 25: 20, 31: 15, 35: 5, 40: 16}
 # NYUD class -> Cityscapes labelId (others -> 0 "unlabeled", mapped to 255).
 _NYUD_TO_CITYSCAPES = {FLOOR: 7, WALL: 12, CEILING: 23, PERSON: 24, 3: 11, 4: 26, 6: 26, 24: 27,
                        10: 13, 35: 17, 33: 21, 37: 20, 29: 19, 5: 25}  # fmt: skip
+# NYUD class -> PASCAL-Context class id of the same name (context_classes.json of the official
+# loaders; television -> tvmonitor); the others -> 0, a class without distilled normals.
+_NYUD_TO_CONTEXT = {1: 440, 2: 158, 3: 46, 4: 18, 5: 72, 6: 368, 7: 397, 8: 115, 9: 454, 11: 287,
+                    12: 96, 15: 349, 16: 105, 18: 290, 19: 252, 22: 68, 23: 33, 25: 427, 26: 273,
+                    27: 412, 29: 37, 31: 284, 33: 408, 34: 357, 36: 17, 37: 9}  # fmt: skip
 _PART_NAMES = {1: "head", 2: "torso", 3: ("luarm", "ruarm"), 4: ("llarm", "rlarm"),
                5: ("luleg", "ruleg"), 6: ("llleg", "rlleg")}  # fmt: skip
 
@@ -357,7 +362,7 @@ def render_scene(scene: Scene, size: tuple[int, int]) -> dict[str, np.ndarray]:
 
     Returns ``image`` uint8 (H, W, 3); ``label`` uint8 (H, W) NYUD class 0..40 (0 unlabelled);
     ``depth`` float32 (H, W) z-depth in metres, 0 = invalid; ``normals`` float32 (H, W, 3) camera
-    frame unit normals facing the camera, 0 = invalid; ``edge`` uint8 (H, W) in {0, 1};
+    frame unit normals facing the camera (every pixel); ``edge`` uint8 (H, W) in {0, 1};
     ``instance`` int32 (H, W) (negative for the faces of the room); ``part`` uint8 (H, W) human
     part 0..6; ``person`` int32 (H, W) person index (-1 = none).
     """
@@ -442,7 +447,6 @@ def render_scene(scene: Scene, size: tuple[int, int]) -> dict[str, np.ndarray]:
     depth[glass] = 0.0
     normal_cam = normal @ rot  # R^T n, rows
     normal_cam /= np.maximum(np.linalg.norm(normal_cam, axis=-1, keepdims=True), 1e-12)
-    normal_cam[glass] = 0.0
 
     # Boundaries: pixels of the nearer instance where two instances touch (4-neighbourhood); the
     # instance id breaks exact depth ties so the rule is mirror-symmetric.
@@ -549,8 +553,9 @@ def _write_one(args: tuple[str, Path, str, str, int, tuple[int, int]]) -> None:
         salient = (lut[r["label"]] != 0) & (lut[r["label"]] != 255)
         _save_png(salient.astype(np.uint8) * np.uint8(255), out / "sal_distill" / f"{sample_id}.png")
         _write_pascal_parts(out / "human_parts" / f"{sample_id}.mat", sample_id, r)
+        context = np.array([_NYUD_TO_CONTEXT.get(v, 0) for v in range(41)], np.uint16)
         savemat(out / "pascal-context" / "trainval" / f"{sample_id}.mat",
-                {"LabelMap": r["label"].astype(np.uint16)}, do_compression=True)  # fmt: skip
+                {"LabelMap": context[r["label"]]}, do_compression=True)  # fmt: skip
     else:  # cityscapes
         city, stem = sample_id.split("/")
         lut = np.array([_NYUD_TO_CITYSCAPES.get(v, 0) for v in range(41)], np.uint8)
@@ -582,9 +587,12 @@ def render_scenes(
     ``edge/*.png``, ``gt_sets/{train,val}.txt``. ``pascal``: ``JPEGImages/*.jpg``,
     ``semseg/VOC12/*.png``, ``human_parts/*.mat`` (PASCAL-Part ``anno`` structs),
     ``normals_distill/*.png``, ``sal_distill/*.png``, ``pascal-context/trainval/*.mat``
-    (``LabelMap``), ``ImageSets/Context/{train,val}.txt``; each image is up to 1/8 smaller than
-    ``size`` per side. ``cityscapes``: ``leftImg8bit``, ``gtFine`` (``labelIds``), ``disparity``
-    and ``camera`` under ``{train,val}/{city}/``.
+    (``LabelMap`` of PASCAL-Context class ids), ``ImageSets/Context/{train,val}.txt``; each image
+    is up to 1/8 smaller than ``size`` per side. ``cityscapes``: ``leftImg8bit``, ``gtFine``
+    (``labelIds``), ``disparity`` (uint16, ``256 * disparity + 1``, 0 where the depth is invalid)
+    and ``camera`` under ``{train,val}/{city}/``. Every layout also gets
+    :data:`~mtssm.data.constants.RENDER_MARKER` (the arguments, as JSON) at its root, which tells
+    evaluation that the scenes are rendered.
 
     The last ``round(n * val_fraction)`` scenes (at least 1 when n >= 2 and ``val_fraction`` > 0)
     form the val split. Scene
@@ -633,4 +641,6 @@ def render_scenes(
         for name in ("train", "val"):
             chosen = [i for i, s in zip(ids, splits) if s == name]
             (split_dir / f"{name}.txt").write_text("".join(f"{i}\n" for i in chosen))
+    marker = {"layout": layout, "n": n, "seed": seed, "size": list(size), "val_fraction": val_fraction}
+    (out / RENDER_MARKER).write_text(json.dumps(marker) + "\n")
     return out

@@ -6,9 +6,18 @@ pipeline with torch tensors. Per key: the image is resampled bilinearly; every l
 ``human_parts``, ``sal``, ``edge``), ``depth`` and ``normals`` with nearest neighbours; padding
 uses :data:`mtssm.data.constants.PAD_VALUES` (labels 255, depth 0, normals 0); scaling by ``s``
 divides depth by ``s`` (the scene looks ``s`` times closer); a horizontal flip negates the x
-component of normals. Normals may also travel as their stored uint8 codes (n = 2 v / 255 - 1, see
-``DenseDataset.encoded_normals``): then padding uses the invalid code 128, a flip maps v to 255 - v,
-and :class:`ToTensor` decodes them.
+component of normals. Normals may also travel as their stored uint8 codes with a flag channel
+(n = 2 v / 255 - 1, see ``DenseDataset.encoded_normals``): then padding uses the invalid code 128, a
+flip toggles the flag between valid (255) and valid-with-x-negated (254), and :class:`ToTensor`
+decodes them, to exactly the values of decoding first.
+
+These are the official transforms (ATRC's, used by InvPT / MTMamba / PAMM): ``RandomScaling``
+(0.5-2, labels, depth and normals nearest, depth divided by the scale), ``RandomCrop``,
+``RandomHorizontalFlip``, ``PhotoMetricDistortion``, ``PadImage``, ``AddIgnoreRegions`` (here
+:class:`IgnoreEmptyParts`; zero depth and zero normals are already mtssm's invalid values). Where
+mtssm differs, only the image's resampling and the random draws do: see :class:`RandomScaleCrop`
+and :class:`PhotometricDistortion`. Cityscapes (MTMamba++) is not augmented: :class:`ResizeImage`
+resizes the image only, the labels stay at their stored size.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import torch
 from PIL import Image
 
 from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD, PAD_VALUES
-from mtssm.data.datasets import decode_normals
+from mtssm.data.datasets import NORMAL_VALID_FLIPPED, decode_normals, ignore_empty_parts
 
 __all__ = [
     "Compose",
@@ -33,17 +42,20 @@ __all__ = [
     "RandomHorizontalFlip",
     "PhotometricDistortion",
     "PadTo",
+    "IgnoreEmptyParts",
+    "ResizeImage",
     "ToTensor",
     "normalize_image",
     "train_transforms",
     "eval_transforms",
+    "resize_transforms",
 ]
 
 Sample = dict[str, Any]
 _DENSE = ("semseg", "human_parts", "sal", "edge", "depth", "normals")
 
 
-_ENCODED_NORMAL_PAD = 128  # decodes to a vector of norm < 0.1, i.e. invalid
+_ENCODED_NORMAL_PAD = 128  # a flag that is neither valid (255) nor valid-flipped (254)
 
 
 def _dense_keys(sample: Sample) -> list[str]:
@@ -66,59 +78,67 @@ def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
 
 def _nearest_index(n_out: int, n_in: int, n_scaled: int, offset: int = 0) -> np.ndarray:
     """Source index of output pixels ``offset .. offset + n_out - 1`` of an axis resized from
-    ``n_in`` to ``n_scaled`` (pixel-centre nearest neighbour)."""
-    pos = (np.arange(offset, offset + n_out) + 0.5) * (n_in / n_scaled)
-    return np.minimum(pos.astype(np.int64), n_in - 1)
+    ``n_in`` to ``n_scaled`` with OpenCV's ``INTER_NEAREST`` (what the official ``RandomScaling``
+    uses): ``min(floor(x * scale), n_in - 1)`` with ``scale = 1 / (n_scaled / n_in)`` in float64."""
+    scale = 1.0 / (n_scaled / n_in)
+    pos = np.floor(np.arange(offset, offset + n_out, dtype=np.float64) * scale).astype(np.int64)
+    return np.minimum(pos, n_in - 1)
 
 
 def _negate_normals_x(normals: np.ndarray) -> None:
-    """Negate the x component of ``normals`` (H, W, 3) in place: -x for float vectors, 255 - v
-    for uint8 codes."""
-    nx = normals[..., 0]
-    if nx.dtype == np.uint8:
-        np.subtract(255, nx, out=nx)
+    """Negate the x component of ``normals`` in place: -x for float (H, W, 3) vectors; for uint8
+    (H, W, 4) codes the flag of valid pixels toggles between 255 and 254 (x negated)."""
+    if normals.dtype == np.uint8:
+        flag = normals[..., 3]
+        np.bitwise_xor(flag, np.uint8(1), out=flag, where=flag >= NORMAL_VALID_FLIPPED)
     else:
-        nx *= -1.0
+        normals[..., 0] *= -1.0
+
+
+def _scaled_size(h: int, w: int, s: float) -> tuple[int, int]:
+    """The official ``RandomScaling`` size: ``int(side * s)`` (truncated), at least 1."""
+    return max(int(h * s), 1), max(int(w * s), 1)
 
 
 def _resample(sample: Sample, scaled: tuple[int, int], box: tuple[int, int, int, int],
-              out_size: tuple[int, int], flip: bool = False) -> Sample:  # fmt: skip
+              out_size: tuple[int, int], flip: bool = False, depth_scale: float = 1.0) -> Sample:  # fmt: skip
     """Resize the sample to ``scaled`` (H, W), keep the window ``box`` = (y0, x0, h, w) of it
-    (which lies inside the scaled image) and pad the result to ``out_size`` with the pad values.
-    Only the window is computed. ``flip`` then mirrors the result left-right (what
-    :class:`RandomHorizontalFlip` does, so the padding ends up on the left), in the same pass."""
+    (which lies inside the scaled image), mirror it left-right if ``flip``, and pad it to
+    ``out_size`` with the pad values, centred as the official ``PadImage`` does (``delta // 2``
+    above and to the left). Only the window is computed. Depth is divided by ``depth_scale`` (the
+    drawn scale factor)."""
     h_in, w_in = sample["image"].shape[:2]
     hs, ws = scaled
     y0, x0, vh, vw = box
     oh, ow = out_size
+    top, left = (oh - vh) // 2, (ow - vw) // 2
     out = dict(sample)
     fy, fx = h_in / hs, w_in / ws
     img = Image.fromarray(np.ascontiguousarray(sample["image"])).resize(
         (vw, vh), Image.BILINEAR, box=(x0 * fx, y0 * fy, (x0 + vw) * fx, (y0 + vh) * fy)
     )
-    cols = slice(ow - vw, ow) if flip else slice(0, vw)
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    rows, cols = slice(top, top + vh), slice(left, left + vw)
     if (vh, vw) == (oh, ow):
         image = np.asarray(img)  # no padding: the resized window is the output (read-only)
     else:
         image = np.zeros((oh, ow, 3), np.uint8)
-        image[:vh, cols] = np.asarray(img)
+        image[rows, cols] = np.asarray(img)
     out["image"] = image
     iy = _nearest_index(vh, h_in, hs, y0)
     ix = _nearest_index(vw, w_in, ws, x0)
     if flip:
         ix = ix[::-1]
-    scale = hs / h_in
     for key in _dense_keys(sample):
         src = sample[key]
         if (vh, vw) == (oh, ow):
             arr = src.take(iy, axis=0).take(ix, axis=1)
         else:
             arr = np.full((oh, ow) + src.shape[2:], _pad_value(key, src), src.dtype)
-            arr[:vh, cols] = src.take(iy, axis=0).take(ix, axis=1)
-        if key == "depth" and scale != 1.0:
-            arr /= np.float32(scale)
+            arr[rows, cols] = src.take(iy, axis=0).take(ix, axis=1)
+        if key == "depth" and depth_scale != 1.0:
+            arr /= np.float32(depth_scale)
         if key == "normals" and flip:
             _negate_normals_x(arr)
         out[key] = arr
@@ -141,7 +161,8 @@ class Compose:
 
 
 class RandomScale:
-    """Resize by a factor drawn uniformly from ``scale_range`` (size rounded to whole pixels)."""
+    """Resize by a factor ``s`` drawn uniformly from ``scale_range`` to ``int(side * s)`` pixels
+    (the official ``RandomScaling``); depth is divided by ``s``."""
 
     def __init__(self, scale_range: tuple[float, float] = (0.5, 2.0)) -> None:
         if not 0 < scale_range[0] <= scale_range[1]:
@@ -149,55 +170,82 @@ class RandomScale:
         self.scale_range = scale_range
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
-        s = rng.uniform(*self.scale_range)
-        h, w = sample["image"].shape[:2]
-        hs, ws = max(round(h * s), 1), max(round(w * s), 1)
-        return _resample(sample, (hs, ws), (0, 0, hs, ws), (hs, ws))
+        s = float(rng.uniform(*self.scale_range))
+        hs, ws = _scaled_size(*sample["image"].shape[:2], s)
+        return _resample(sample, (hs, ws), (0, 0, hs, ws), (hs, ws), depth_scale=s)
+
+
+def _crop_box(sample: Sample, scaled: tuple[int, int], size: tuple[int, int], cat_max_ratio: float,
+              rng: np.random.Generator) -> tuple[int, int, int, int]:  # fmt: skip
+    """The official ``RandomCrop`` window (y0, x0, h, w) of the sample resized to ``scaled``: a
+    uniform offset in [0, max(side - crop, 0)], clipped at the image's end; with ``cat_max_ratio``
+    < 1, redrawn (up to 10 times, the 11th draw is kept) while one class covers at least that
+    fraction of the window's non-ignored ``semseg`` pixels or fewer than two classes are present."""
+    hs, ws = scaled
+    ch, cw = size
+
+    def draw() -> tuple[int, int, int, int]:
+        y0 = int(rng.integers(0, max(hs - ch, 0) + 1))
+        x0 = int(rng.integers(0, max(ws - cw, 0) + 1))
+        return y0, x0, min(ch, hs - y0), min(cw, ws - x0)
+
+    box = draw()
+    if cat_max_ratio < 1.0 and "semseg" in sample:
+        h_in, w_in = sample["semseg"].shape[:2]
+        for _ in range(10):
+            y0, x0, vh, vw = box
+            window = sample["semseg"].take(_nearest_index(vh, h_in, hs, y0), axis=0).take(
+                _nearest_index(vw, w_in, ws, x0), axis=1)
+            counts = np.bincount(window.reshape(-1), minlength=256)[:255]
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            box = draw()
+    return box
 
 
 class RandomCrop:
-    """Crop a random ``size`` window; sides shorter than ``size`` are padded at the bottom/right
-    with the pad values (image 0, labels 255, depth and normals 0)."""
+    """Crop a random ``size`` window (sides shorter than ``size`` stay shorter: :class:`PadTo`
+    pads them), as the official ``RandomCrop`` with ``cat_max_ratio`` (0.75 in the official
+    training pipeline; 1 disables the redraws)."""
 
-    def __init__(self, size: int | Sequence[int]) -> None:
+    def __init__(self, size: int | Sequence[int], cat_max_ratio: float = 0.75) -> None:
         self.size = _pair(size, "size")
+        self.cat_max_ratio = cat_max_ratio
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         h, w = sample["image"].shape[:2]
-        ch, cw = self.size
-        y0 = int(rng.integers(0, max(h - ch, 0) + 1))
-        x0 = int(rng.integers(0, max(w - cw, 0) + 1))
-        return _resample(sample, (h, w), (y0, x0, min(ch, h - y0), min(cw, w - x0)), self.size)
+        box = _crop_box(sample, (h, w), self.size, self.cat_max_ratio, rng)
+        return _resample(sample, (h, w), box, box[2:])
 
 
 class RandomScaleCrop:
-    """:class:`RandomScale` then :class:`RandomCrop`, then (with ``flip_p`` > 0)
-    ``RandomHorizontalFlip(flip_p)``, in one pass that resamples only the cropped window: the same
-    random draws give exactly the same labels, depth and normals as the separate transforms, and
-    the same image up to rounding (the bilinear filter is evaluated at the same source
-    positions)."""
+    """:class:`RandomScale`, :class:`RandomCrop`, then (with ``flip_p`` > 0)
+    ``RandomHorizontalFlip(flip_p)`` and ``PadTo(size)``, in one pass that resamples only the
+    cropped window: the same random draws give exactly the same labels, depth and normals as the
+    separate transforms, and the same image up to rounding (the bilinear filter is evaluated at the
+    same source positions)."""
 
     def __init__(self, size: int | Sequence[int], scale_range: tuple[float, float] = (0.5, 2.0),
-                 flip_p: float = 0.0) -> None:  # fmt: skip
+                 flip_p: float = 0.0, cat_max_ratio: float = 0.75) -> None:  # fmt: skip
         if not 0.0 <= flip_p <= 1.0:
             raise ValueError(f"flip_p must be a probability in [0, 1], got {flip_p!r}")
         self.scale = RandomScale(scale_range)
         self.size = _pair(size, "size")
         self.flip_p = flip_p
+        self.cat_max_ratio = cat_max_ratio
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
-        s = rng.uniform(*self.scale.scale_range)
-        h, w = sample["image"].shape[:2]
-        hs, ws = max(round(h * s), 1), max(round(w * s), 1)
-        ch, cw = self.size
-        y0 = int(rng.integers(0, max(hs - ch, 0) + 1))
-        x0 = int(rng.integers(0, max(ws - cw, 0) + 1))
+        s = float(rng.uniform(*self.scale.scale_range))
+        hs, ws = _scaled_size(*sample["image"].shape[:2], s)
+        box = _crop_box(sample, (hs, ws), self.size, self.cat_max_ratio, rng)
         flip = self.flip_p > 0 and rng.random() < self.flip_p  # RandomHorizontalFlip's draw
-        box = (y0, x0, min(ch, hs - y0), min(cw, ws - x0))
-        return _resample(sample, (hs, ws), box, self.size, flip)
+        out_size = (max(self.size[0], box[2]), max(self.size[1], box[3]))
+        return _resample(sample, (hs, ws), box, out_size, flip, depth_scale=s)
 
     def __repr__(self) -> str:
-        return f"RandomScaleCrop(size={self.size}, scale_range={self.scale.scale_range}, flip_p={self.flip_p})"
+        return (f"RandomScaleCrop(size={self.size}, scale_range={self.scale.scale_range}, "
+                f"flip_p={self.flip_p}, cat_max_ratio={self.cat_max_ratio})")  # fmt: skip
 
 
 class RandomHorizontalFlip:
@@ -274,17 +322,58 @@ class PhotometricDistortion:
 
 
 class PadTo:
-    """Pad at the bottom/right to at least ``size`` with the pad values; never resizes."""
+    """Pad to at least ``size`` with the pad values, centred as the official ``PadImage`` does
+    (``delta // 2`` above and to the left); never resizes. ``meta["offset"]`` records where the
+    original pixels start, (top, left), so evaluation can crop back to them."""
 
     def __init__(self, size: int | Sequence[int]) -> None:
         self.size = _pair(size, "size")
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         h, w = sample["image"].shape[:2]
         oh, ow = max(h, self.size[0]), max(w, self.size[1])
         if (oh, ow) == (h, w):
             return sample
-        return _resample(sample, (h, w), (0, 0, h, w), (oh, ow))
+        out = _resample(sample, (h, w), (0, 0, h, w), (oh, ow))
+        if "meta" in sample:
+            out["meta"] = {**sample["meta"], "offset": ((oh - h) // 2, (ow - w) // 2)}
+        return out
+
+
+class IgnoreEmptyParts:
+    """The official ``AddIgnoreRegions`` rule for ``human_parts``: a map with no part left (only
+    background and ignored pixels, e.g. a crop beside the person) becomes all ignored (255), so the
+    crop does not train every pixel as background."""
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        if "human_parts" not in sample:
+            return sample
+        out = dict(sample)
+        out["human_parts"] = ignore_empty_parts(sample["human_parts"])
+        return out
+
+    def __repr__(self) -> str:
+        return "IgnoreEmptyParts()"
+
+
+class ResizeImage:
+    """Resize the image alone to ``size`` (H, W), bilinearly (PIL, as MTMamba++'s Cityscapes
+    loader does); the labels keep their stored size, so the loss and the metrics compare outputs
+    resized to the labels' size."""
+
+    def __init__(self, size: int | Sequence[int]) -> None:
+        self.size = _pair(size, "size")
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        out = dict(sample)
+        h, w = self.size
+        if sample["image"].shape[:2] != (h, w):
+            img = Image.fromarray(np.ascontiguousarray(sample["image"])).resize((w, h), Image.BILINEAR)
+            out["image"] = np.asarray(img)
+        return out
+
+    def __repr__(self) -> str:
+        return f"ResizeImage(size={self.size})"
 
 
 Stats = tuple[Sequence[float], Sequence[float]]  # (mean, std) per RGB channel, images in [0, 1]
@@ -337,7 +426,7 @@ class ToTensor:
     :func:`mtssm.data.make_dataloader` uses; :func:`mtssm.data.loader.finalize_batch` turns a batch
     of them into the tensors above): ``image`` uint8 (3, H, W) levels; ``semseg``, ``human_parts``,
     ``sal`` uint8 (H, W); ``edge`` uint8 (1, H, W); ``depth`` float32 (1, H, W); ``normals`` uint8
-    (3, H, W) codes if they travel encoded (see ``DenseDataset.encoded_normals``), else float32.
+    (4, H, W) codes if they travel encoded (see ``DenseDataset.encoded_normals``), else float32.
     Compact tensors may be non-contiguous views."""
 
     def __init__(self, compact: bool = False, normalization: Stats | None = None) -> None:
@@ -375,12 +464,22 @@ def train_transforms(crop_size: int | Sequence[int], scale_range: tuple[float, f
                      normalization: Stats | None = None) -> Compose:
     """Random scale + crop to ``crop_size`` and flip p=0.5 (fused in one :class:`RandomScaleCrop`
     pass; the same draws as ``RandomScaleCrop`` then ``RandomHorizontalFlip(0.5)``), photometric
-    distortion, to tensors normalised with ``normalization`` (None: ImageNet's)."""
+    distortion, empty parts maps ignored, to tensors normalised with ``normalization`` (None:
+    ImageNet's)."""
     return Compose([RandomScaleCrop(crop_size, scale_range, flip_p=0.5), PhotometricDistortion(),
-                    ToTensor(normalization=normalization)])
+                    IgnoreEmptyParts(), ToTensor(normalization=normalization)])  # fmt: skip
 
 
 def eval_transforms(pad_size: int | Sequence[int] | None = None, normalization: Stats | None = None) -> Compose:
     """No resizing: optional padding to ``pad_size`` (batches are padded to a common size by the
-    loader's collate anyway), then tensors normalised with ``normalization`` (None: ImageNet's)."""
-    return Compose(([PadTo(pad_size)] if pad_size is not None else []) + [ToTensor(normalization=normalization)])
+    loader's collate anyway), empty parts maps ignored, then tensors normalised with
+    ``normalization`` (None: ImageNet's)."""
+    return Compose(([PadTo(pad_size)] if pad_size is not None else [])
+                   + [IgnoreEmptyParts(), ToTensor(normalization=normalization)])
+
+
+def resize_transforms(image_size: int | Sequence[int], normalization: Stats | None = None) -> Compose:
+    """The unaugmented pipeline (MTMamba++ Cityscapes, train and eval): the image resized to
+    ``image_size``, labels at their stored size, then tensors normalised with ``normalization``
+    (None: ImageNet's)."""
+    return Compose([ResizeImage(image_size), IgnoreEmptyParts(), ToTensor(normalization=normalization)])

@@ -231,7 +231,7 @@ def predict(paths: tuple[Path, ...], out: Path, recipe: str | None, overrides: t
             weights: Path | None, encoder_weights: Path | None) -> None:
     """Write one PNG per task per IMAGE, and a side-by-side sheet, into --out. The model comes from
     checkpoint CKPT, or from --recipe NAME --weights FILE (then every path is an image)."""
-    from mtssm.engine.predict import predict_images
+    from mtssm.engine.predict import output_stems, predict_images
 
     ckpt, images = (None, paths) if weights is not None else (paths[0], paths[1:])
     if not images:
@@ -243,7 +243,7 @@ def predict(paths: tuple[Path, ...], out: Path, recipe: str | None, overrides: t
             raise FileNotFoundError(f"image {str(image)!r} does not exist")
     model, _, _ = _resolve(ckpt, recipe, weights, encoder_weights, overrides)
     files = predict_images(model, images, out)
-    click.echo(f"wrote {len(files)} images to {out}")
+    click.echo(f"wrote {len(files)} files for {len(output_stems(images))} images to {out}")
 
 
 @click.command("export")

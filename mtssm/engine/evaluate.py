@@ -4,6 +4,11 @@ The trivial baselines are constant predictions fitted on the evaluated labels th
 are the strongest constant predictors on that data): the majority class for segmentation
 (``semseg``, ``human_parts``), the mean valid depth for ``depth``, and the normalised mean valid
 normal for ``normals``. A model that learned anything beats them.
+
+The metrics follow the dataset's :class:`mtssm.data.Protocol` (printed at the top of the table).
+Δm compares with the papers' single-task numbers, so it is given only where those were measured:
+on the real dataset (not on rendered scenes) and where a baseline is built in (NYUDv2); otherwise
+the table says why it is left out.
 """
 
 from __future__ import annotations
@@ -30,14 +35,17 @@ _BASELINE_NAMES = {
 
 @dataclass
 class EvalResult:
-    """``metrics``/``baselines``: task -> {metric name: value}; ``delta_m`` in percent (or None
-    without a single-task baseline for every task); ``main``: task -> its headline metric name."""
+    """``metrics``/``baselines``: task -> {metric name: value}; ``delta_m`` in percent, or None with
+    ``delta_m_note`` saying why it is left out; ``main``: task -> its headline metric name;
+    ``protocol``: the line of :meth:`mtssm.data.Protocol.describe` the metrics followed."""
 
     metrics: dict[str, dict[str, float]]
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
     delta_m: float | None = None
     main: dict[str, str] = field(default_factory=dict)
     images: int = 0
+    protocol: str = ""
+    delta_m_note: str = ""
 
     def flat(self) -> dict[str, float]:
         """``{"semseg/mIoU": ..., "delta_m": ...}`` for logs."""
@@ -50,7 +58,7 @@ class EvalResult:
     def to_json(self) -> str:
         return json.dumps(
             {"metrics": self.metrics, "trivial_baselines": self.baselines, "delta_m": self.delta_m,
-             "images": self.images},
+             "delta_m_note": self.delta_m_note, "protocol": self.protocol, "images": self.images},
             indent=2,
         )
 
@@ -141,6 +149,7 @@ def evaluate(
 
     ``max_batches`` 0 means every batch; ``baselines`` adds the trivial constant predictors.
     """
+    from mtssm.data.protocol import protocol
     from mtssm.metrics import METRIC_NAMES, build_evaluator
 
     device = torch.device(device)
@@ -160,17 +169,60 @@ def evaluate(
     for batch in _batches(loader, max_batches):
         with autocast:
             out = model(batch["image"].to(device))
-        evaluator.update({t: out[t].float().cpu() for t in tasks}, {t: batch[t] for t in tasks})
+        _update_at_original_size(evaluator, {t: out[t].float().cpu() for t in tasks}, batch, tasks)
         images += batch["image"].shape[0]
     model.train(was_training)
     metrics = evaluator.compute()
-    try:
-        dm = evaluator.delta_m(metrics)
-    except ValueError:
-        dm = None
+    dm, note = _delta_m(evaluator, metrics, dataset, dataset_name)
     base = trivial_baselines(loader, tasks, new_evaluator, max_batches) if baselines else {}
     main = {t: METRIC_NAMES[t] for t in tasks}
-    return EvalResult(metrics=metrics, baselines=base, delta_m=dm, main=main, images=images)
+    return EvalResult(metrics=metrics, baselines=base, delta_m=dm, main=main, images=images,
+                      protocol=protocol(dataset_name).describe(tasks), delta_m_note=note)  # fmt: skip
+
+
+def _update_at_original_size(evaluator: Any, outputs: dict[str, Tensor], batch: Any, tasks: Sequence[str]) -> None:
+    """Score each image on its original pixels only: outputs are resized (bilinearly) to the
+    label maps' size, then outputs and labels are cropped to the image's own window: ``meta["size"]``
+    (its stored size) from ``meta["offset"]`` (where its pixels start after centred padding,
+    default (0, 0)) when the labels share the image's frame, from (0, 0) when they keep their
+    stored size. Padding never counts, and edge matching uses the image's own diagonal."""
+    metas = list(batch["meta"]) if "meta" in batch.keys() else None
+    label_hw = {t: tuple(batch[t].shape[-2:]) for t in tasks}
+    if metas is None or all(
+        tuple(m.get("offset", (0, 0))) == (0, 0) and all(tuple(m["size"]) == label_hw[t] for t in tasks)
+        for m in metas
+    ):
+        evaluator.update(outputs, {t: batch[t] for t in tasks})
+        return
+    for i, meta in enumerate(metas):
+        top, left = meta.get("offset", (0, 0))
+        h, w = meta["size"]
+        preds, labels = {}, {}
+        for t in tasks:
+            label = batch[t][i : i + 1]
+            pred = outputs[t][i : i + 1]
+            if tuple(pred.shape[-2:]) != label_hw[t]:
+                pred = F.interpolate(pred, size=label_hw[t], mode="bilinear", align_corners=False)
+            if label_hw[t] == tuple(batch["image"].shape[-2:]):  # labels in the image's frame
+                window = (slice(top, top + h), slice(left, left + w))
+            else:  # labels at their stored size (an image resized alone, see ResizeImage)
+                window = (slice(0, h), slice(0, w))
+            preds[t], labels[t] = pred[..., window[0], window[1]], label[..., window[0], window[1]]
+        evaluator.update(preds, labels)
+
+
+def _delta_m(evaluator: Any, metrics: dict[str, dict[str, float]], dataset: Any, name: str) -> tuple[float | None, str]:
+    """Δm and, when it is left out, why."""
+    if getattr(dataset, "rendered", False):
+        return None, (f"left out: the data are rendered scenes, and the single-task baselines are the "
+                      f"papers' numbers on the real {name} dataset")  # fmt: skip
+    try:
+        dm = evaluator.delta_m(metrics)
+    except ValueError as exc:
+        return None, f"left out: {exc}"
+    if dm is None:
+        return None, f"left out: no single-task baseline of these tasks is built in for {name}"
+    return dm, ""
 
 
 def format_table(result: EvalResult) -> str:
@@ -190,8 +242,12 @@ def format_table(result: EvalResult) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    dm = "n/a (no single-task baseline for these tasks)" if result.delta_m is None else f"{result.delta_m:+.2f} %"
-    lines.append(f"Δm vs single-task baseline: {dm}   ({result.images} images)")
+    if result.delta_m is None:
+        lines.append(f"Δm vs single-task baseline: {result.delta_m_note or 'left out'}   ({result.images} images)")
+    else:
+        lines.append(f"Δm vs single-task baseline: {result.delta_m:+.2f} %   ({result.images} images)")
+    if result.protocol:
+        lines.insert(0, result.protocol)
     return "\n".join(lines)
 
 

@@ -279,7 +279,7 @@ def train(
     device = pick_device(t.device, info)
     out = Path(out_dir)
     ckpt_root = out / "checkpoints"
-    if not resume and ckpt.latest_checkpoint(ckpt_root) is not None:
+    if not resume and ckpt.has_checkpoints(ckpt_root):
         raise FileExistsError(
             f"{out} already holds checkpoints; pass --resume to continue that run, or choose another --out"
         )
@@ -313,10 +313,13 @@ def train(
     step = 0
     last_ckpt: Path | None = None
     if resume:
-        last_ckpt = ckpt.latest_checkpoint(ckpt_root)
+        last_ckpt, skipped = ckpt.newest_intact_checkpoint(ckpt_root, repair=info.is_main)
+        if info.is_main:
+            for line in skipped:
+                echo(f"skipped a damaged checkpoint: {line}")
         if last_ckpt is None:
             if info.is_main:
-                echo(f"no checkpoint under {ckpt_root}; starting from step 0")
+                echo(f"no {'intact ' if skipped else ''}checkpoint under {ckpt_root}; starting from step 0")
         else:
             ckpt.load_model_weights(model, last_ckpt)
             state = ckpt.load_train_state(last_ckpt)
@@ -332,7 +335,8 @@ def train(
             ckpt.set_rng_state(rng[info.rank] if isinstance(rng, list) else rng)
             step = int(state["step"])
             if info.is_main:
-                echo(f"resumed from {last_ckpt} at step {step}")
+                newest = "the newest intact checkpoint " if skipped else ""
+                echo(f"resumed from {newest}{last_ckpt} at step {step}")
     log.truncate_after(step)  # drop records past the checkpoint (all of them on a fresh start)
 
     train_model: nn.Module = sync_batchnorm(model, t.sync_bn, world)

@@ -11,11 +11,20 @@ when it is installed, otherwise scipy's sparse minimum-cost perfect matching on 
 pairs within the radius plus outlier nodes). The benchmark minimises a cost in which an unmatched
 pixel costs far more than any pair; the C++ code solves it approximately on a thinned-out graph and
 may match a few pixels fewer (about 0.2 % on 448x576 maps), scipy solves it exactly.
+
+Determinism: correspondPixels draws from one global generator that the C++ library seeds from the
+time of day when it is loaded, so the same maps could be matched differently from one process to the
+next. Before each call the generator is reseeded from a digest of the call's inputs (both maps and
+the radius), which makes every count, and so odsF, a function of the inputs alone, in any process
+and in any order of calls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ctypes
+import functools
+import hashlib
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -101,9 +110,36 @@ def edge_thresholds(thresholds: int | Sequence[float] | np.ndarray = 99) -> np.n
     return values
 
 
+@functools.cache
+def _correspond_pixels_reseed() -> Callable[[int], None]:
+    """A function that reseeds the global generator (``Random::rand``) of pyEdgeEval's compiled
+    correspondPixels with a non-zero 48-bit seed (0 would mean "from the clock")."""
+    import importlib
+
+    ext = importlib.import_module("pyEdgeEval._lib.correspond_pixels")  # the extension module
+    lib = ctypes.CDLL(ext.__file__)  # the already loaded library: the same global generator
+    generator = ctypes.c_void_p.in_dll(lib, "_ZN6Random4randE")  # Random Random::rand
+    reseed = lib._ZN6Random6reseedEm  # void Random::reseed(u_int64_t), ``this`` first
+    reseed.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+    reseed.restype = None
+    address = ctypes.addressof(generator)
+    return lambda seed: reseed(address, seed)
+
+
+def _input_seed(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> int:
+    """A non-zero 48-bit seed digested from the two maps and the radius."""
+    h = hashlib.blake2b(digest_size=8)
+    for arr in (pred, gt):
+        h.update(np.asarray(arr.shape, np.int64).tobytes())
+        h.update(np.packbits(np.asarray(arr, dtype=bool)).tobytes())
+    h.update(np.float64(max_dist).tobytes())
+    return (int.from_bytes(h.digest(), "little") & 0xFFFFFFFFFFFF) or 1
+
+
 def _match_pyedgeeval(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> tuple[int, int]:
     from pyEdgeEval import correspond_pixels
 
+    _correspond_pixels_reseed()(_input_seed(pred, gt, max_dist))
     match_pred, match_gt, _, _ = correspond_pixels(pred, gt, max_dist=max_dist)
     return int((match_pred > 0).sum()), int((match_gt > 0).sum())
 
@@ -168,9 +204,9 @@ def boundary_counts(
         thresholds: (T,) increasing thresholds; a pixel is an edge at ``t`` when ``prob >= t``.
         max_dist: matching radius as a fraction of the image diagonal.
         apply_thinning: thin each binarised prediction first (SEISM does).
-        matcher: 'pyedgeeval' (C++ correspondPixels, the benchmark's approximate assignment; it is
-            randomised, so counts may differ by a pixel from run to run), 'scipy' (exact minimum-cost
-            matching, deterministic), or 'auto' (the first if installed).
+        matcher: 'pyedgeeval' (C++ correspondPixels, the benchmark's approximate assignment, its
+            generator seeded from the inputs), 'scipy' (exact minimum-cost matching), or 'auto'
+            (the first if installed). Both are deterministic functions of the inputs.
 
     Returns:
         (4, T) int64 array: rows are matched predicted pixels, predicted pixels, matched

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtssm.data.constants import NUM_CLASSES
+from mtssm.data.protocol import PROTOCOLS
 from mtssm.metrics.boundary import Matcher, _matcher, edge_thresholds, ods_f
 from mtssm.metrics.delta import HIGHER_IS_BETTER, METRIC_NAMES, delta_m
 from mtssm.metrics.functional import (
@@ -53,12 +55,16 @@ __all__ = [
     "build_evaluator",
 ]
 
-# Evaluation settings per dataset: classes per segmentation task and the boundary matching radius
-# (fraction of the image diagonal) of the SEISM evaluations of ASTMT / MTI-Net / InvPT.
+# Evaluation settings per dataset, read from the task facts and the protocol of mtssm.data: classes
+# per segmentation task, the boundary matching radius (fraction
+# of the image diagonal) and the upper end of the scored depth range.
 DATASETS: dict[str, dict[str, Any]] = {
-    "nyud": {"num_classes": {"semseg": 40}, "edge_max_dist": 0.011},
-    "pascal": {"num_classes": {"semseg": 21, "human_parts": 7}, "edge_max_dist": 0.0075},
-    "cityscapes": {"num_classes": {"semseg": 19}, "edge_max_dist": 0.0075},
+    name: {
+        "num_classes": dict(NUM_CLASSES[name]),
+        "edge_max_dist": proto.edge_max_dist,
+        "max_depth": proto.depth_range[1],
+    }
+    for name, proto in PROTOCOLS.items()
 }
 
 
@@ -172,11 +178,13 @@ class SegmentationAccumulator(MetricAccumulator):
 
 
 class DepthAccumulator(MetricAccumulator):
-    """RMSE over every valid pixel (label > 0) seen; ``{"rmse": value}`` in label units."""
+    """RMSE over every valid pixel (0 < label < ``max_depth``) seen, predictions clamped at 1e-9
+    (see :func:`mtssm.metrics.functional.depth_sums`); ``{"rmse": value}`` in label units."""
 
     metric = "rmse"
 
-    def __init__(self, task: str = "depth") -> None:
+    def __init__(self, task: str = "depth", max_depth: float = float("inf")) -> None:
+        self.max_depth = max_depth
         super().__init__(task)
 
     def _empty_state(self) -> Tensor:
@@ -186,7 +194,7 @@ class DepthAccumulator(MetricAccumulator):
     def update(self, pred: Tensor, target: Tensor) -> None:
         _check_batch(self.task, pred, target, 1)
         pred = _to_label_size(pred, target)[:, 0]
-        sse, n = depth_sums(pred, _squeeze_channel(target).to(pred.device))
+        sse, n = depth_sums(pred, _squeeze_channel(target).to(pred.device), self.max_depth)
         self.state += torch.tensor([sse, n], dtype=torch.float64)
 
     def compute(self) -> dict[str, float]:
@@ -225,7 +233,11 @@ class SaliencyAccumulator(MetricAccumulator):
     """maxF (percent, ``beta2`` = 0.3) of the salient-class probability; ``{"maxF": percent}``.
 
     Outputs: logits (B, 2, H, W) (softmax, class 1) or (B, 1, H, W) (sigmoid). See
-    :func:`mtssm.metrics.saliency_maxf` for the two protocols.
+    :func:`mtssm.metrics.saliency_maxf` for the two protocols. ``squash`` (default, the official
+    evaluation) passes the probability through a sigmoid once more before thresholding, as the
+    ``SaliencyMeter`` of InvPT / MTMamba does with the probabilities ``get_output`` gives it
+    (thresholds 0.05..0.95 of ``sigmoid(p)``, i.e. every pixel positive up to 0.5, then p above
+    0.20, 0.41, 0.62, 0.85); ``squash=False`` thresholds the probability itself.
     """
 
     metric = "maxF"
@@ -237,6 +249,7 @@ class SaliencyAccumulator(MetricAccumulator):
         thresholds: Sequence[float] = SALIENCY_THRESHOLDS,
         ignore_index: int = 255,
         protocol: Literal["dataset", "per_image"] = "dataset",
+        squash: bool = True,
     ) -> None:
         if protocol not in ("dataset", "per_image"):
             raise ValueError(f"protocol: expected 'dataset' or 'per_image', got {protocol!r}")
@@ -244,6 +257,7 @@ class SaliencyAccumulator(MetricAccumulator):
         self.thresholds = tuple(float(t) for t in thresholds)
         self.ignore_index = ignore_index
         self.protocol = protocol
+        self.squash = squash
         super().__init__(task)
 
     def _empty_state(self) -> Tensor:
@@ -259,6 +273,8 @@ class SaliencyAccumulator(MetricAccumulator):
             probs = pred[:, 0].sigmoid()
         else:
             raise ValueError(f"{self.task}: expected (B, 2, H, W) or (B, 1, H, W) logits, got {tuple(pred.shape)}")
+        if self.squash:
+            probs = probs.sigmoid()
         counts = saliency_counts(probs, _squeeze_channel(target).to(probs.device), self.thresholds, self.ignore_index)
         self.state += counts.sum(0) if self.protocol == "dataset" else per_image_precision_recall(counts)
 
@@ -394,6 +410,7 @@ def build_evaluator(
     edge_thresholds: int | Sequence[float] = 99,
     edge_matcher: Matcher = "auto",
     saliency_protocol: Literal["dataset", "per_image"] = "dataset",
+    saliency_squash: bool = True,
     ignore_index: int = 255,
     single_task_baseline: Mapping[str, float] | None = None,
 ) -> MultiTaskEvaluator:
@@ -412,6 +429,7 @@ def build_evaluator(
             correspondPixels when installed, else scipy), 'pyedgeeval', or 'scipy' (exact solution
             of the same objective; much faster on large edge maps, matches slightly more pixels).
         saliency_protocol: 'dataset' or 'per_image' (see ``saliency_maxf``).
+        saliency_squash: the official sigmoid of the probabilities (see ``SaliencyAccumulator``).
         single_task_baseline: task -> single-task value for ``delta_m()``; by default the
             built-in baseline of the dataset where there is one (NYUDv2).
     """
@@ -428,11 +446,12 @@ def build_evaluator(
                 raise ValueError(f"num_classes: no class count for task {task!r}; pass num_classes={{{task!r}: K}}")
             accumulators[task] = SegmentationAccumulator(task, classes[task], ignore_index)
         elif task == "depth":
-            accumulators[task] = DepthAccumulator(task)
+            accumulators[task] = DepthAccumulator(task, DATASETS[key]["max_depth"] if key else float("inf"))
         elif task == "normals":
             accumulators[task] = NormalsAccumulator(task)
         elif task == "sal":
-            accumulators[task] = SaliencyAccumulator(task, ignore_index=ignore_index, protocol=saliency_protocol)
+            accumulators[task] = SaliencyAccumulator(
+                task, ignore_index=ignore_index, protocol=saliency_protocol, squash=saliency_squash)
         elif task == "edge":
             accumulators[task] = EdgeAccumulator(
                 task, 0.0075 if max_dist is None else max_dist, edge_thresholds, ignore_index,

@@ -125,26 +125,31 @@ def miou(preds: Batches, labels: Batches, num_classes: int, ignore_index: int = 
 # ---------------------------------------------------------------- depth (RMSE)
 
 
-def depth_sums(pred: Tensor, gt: Tensor) -> tuple[float, int]:
-    """Sum of squared errors and count over valid pixels (``gt > 0``) of equal-shape depth maps."""
-    valid = gt > 0
-    err = pred[valid].double() - gt[valid].double()
+def depth_sums(pred: Tensor, gt: Tensor, max_depth: float = float("inf")) -> tuple[float, int]:
+    """Sum of squared errors and count over valid pixels (``0 < gt < max_depth``) of equal-shape
+    depth maps. Predictions are clamped at 1e-9 first, as the official evaluation does (its
+    ``get_output`` clamps at 0 and ``DepthMeter`` lifts values <= 0 to 1e-9)."""
+    valid = (gt > 0) & (gt < max_depth)
+    err = pred[valid].double().clamp_min(1e-9) - gt[valid].double()
     return float((err * err).sum()), int(valid.sum())
 
 
-def depth_rmse(pred: Batches, gt: Batches) -> float:
-    """Root mean square depth error over every valid pixel of the dataset (``gt > 0``).
+def depth_rmse(pred: Batches, gt: Batches, max_depth: float = float("inf")) -> float:
+    """Root mean square depth error over every valid pixel of the dataset (``0 < gt < max_depth``;
+    predictions clamped at 1e-9).
 
     Args:
         pred: predicted depths, (B, 1, H, W), (B, H, W), or a list of per-image maps.
         gt: ground-truth depths in the same layout, 0 where invalid.
+        max_depth: upper end of the scored range (80 for Cityscapes disparity, see
+            :mod:`mtssm.data.protocol`).
 
     Returns:
         ``sqrt(sum of squared errors / number of valid pixels)``; NaN without valid pixels.
     """
     sse, n = 0.0, 0
     for p, y in _pairs(pred, gt, "depth_rmse"):
-        s, c = depth_sums(p, y)
+        s, c = depth_sums(p, y, max_depth)
         sse, n = sse + s, n + c
     return float(np.sqrt(sse / n)) if n else float("nan")
 

@@ -61,3 +61,57 @@ def test_cli_render_then_check(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "00000.npy: file is missing" in res.output
     res = runner.invoke(main, ["data", "render", "--out", str(out), "--size", "big"])
     assert res.exit_code != 0 and "HxW" in res.output
+
+
+@pytest.mark.parametrize(
+    ("fill", "what"),
+    [(1e30, "beyond the sensor's range"), (2500.0, "beyond the sensor's range"), (np.nan, "non-finite"),
+     (np.inf, "non-finite"), (-3.0, "negative")],
+)  # fmt: skip
+def test_implausible_depth_is_named(corruptible_nyud: Path, fill: float, what: str) -> None:
+    ids = (corruptible_nyud / "gt_sets" / "val.txt").read_text().split()
+    path = corruptible_nyud / "depth" / f"{ids[0]}.npy"
+    depth = np.load(path)
+    depth[2:5, 3:9] = fill  # a patch, as a fill value or a unit mistake would leave
+    np.save(path, depth)
+    problems = check_dataset(corruptible_nyud, "nyud")
+    assert len(problems) == 1 and problems[0].startswith(f"{path}: ") and what in problems[0]
+    assert "0..10 m" in problems[0] or "up to 10 m" in problems[0]
+
+
+def test_depth_at_the_sensor_limits_is_plausible(corruptible_nyud: Path) -> None:
+    ids = (corruptible_nyud / "gt_sets" / "train.txt").read_text().split()
+    path = corruptible_nyud / "depth" / f"{ids[0]}.npy"
+    depth = np.load(path)
+    depth[0, 0], depth[0, 1] = 0.0, 10.0
+    np.save(path, depth)
+    assert check_dataset(corruptible_nyud, "nyud") == []
+
+
+def test_non_finite_normals_are_named(tmp_path: Path) -> None:
+    from mtssm.data.io import DataFileError, check_finite
+
+    normals = np.zeros((4, 5, 3), np.float32)
+    check_finite(tmp_path / "n.png", normals, "normals")
+    normals[1, 2, 0] = np.nan
+    with pytest.raises(DataFileError, match=f"{tmp_path / 'n.png'}: normals holds NaN or infinite"):
+        check_finite(tmp_path / "n.png", normals, "normals")
+
+
+def test_split_file_lines_that_are_not_utf8_are_named_by_number(corruptible_nyud: Path, pascal_root: Path) -> None:
+    split = corruptible_nyud / "gt_sets" / "train.txt"
+    ids = split.read_text().split()
+    split.write_bytes(b"\xef\xbb\xbf" + "\n".join(ids).encode() + b"\ncaf\xe9\n\n\xff\xfe\n")
+    problems = check_dataset(corruptible_nyud, "nyud")
+    assert problems == [f"{split}: lines {len(ids) + 1}, {len(ids) + 3} are not UTF-8 text "
+                        "(expected one sample id a line)"]  # fmt: skip
+    split.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(ids).encode())  # a byte-order mark and CRLF are fine
+    assert check_dataset(corruptible_nyud, "nyud") == []
+
+
+def test_cli_check_reports_bad_split_file_in_one_line(corruptible_nyud: Path) -> None:
+    split = corruptible_nyud / "gt_sets" / "val.txt"
+    split.write_bytes(split.read_bytes() + b"\x80bad\n")
+    res = CliRunner().invoke(main, ["data", "check", str(corruptible_nyud), "--layout", "nyud"])
+    assert res.exit_code == 1 and (res.exception is None or isinstance(res.exception, SystemExit))
+    assert f"{split}: line " in res.output and "Traceback" not in res.output

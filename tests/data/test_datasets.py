@@ -19,6 +19,7 @@ from mtssm.data import (
     PASCALContext,
 )
 from mtssm.data.datasets import decode_normals, label_edges
+from tests.data import official
 from mtssm.data.render import random_scene, render_scene
 
 
@@ -43,10 +44,8 @@ def test_nyud_raw_samples_match_the_renderer(nyud_root: Path) -> None:
         np.testing.assert_array_equal(s["semseg"], expected)
         assert s["semseg"][s["semseg"] != 255].max() < NUM_CLASSES["nyud"]["semseg"]
         np.testing.assert_array_equal(s["depth"], truth["depth"])
-        valid = np.linalg.norm(truth["normals"], axis=-1) > 0
-        np.testing.assert_allclose(s["normals"][valid], truth["normals"][valid], atol=0.01)
-        np.testing.assert_allclose(np.linalg.norm(s["normals"][valid], axis=-1), 1.0, atol=1e-5)
-        assert (s["normals"][~valid] == 0).all()
+        # decoded as stored (2 v / 255 - 1): within a code step of the unit normals rendered
+        np.testing.assert_allclose(s["normals"], truth["normals"], atol=1 / 255 + 1e-6)
         np.testing.assert_array_equal(s["edge"], truth["edge"])
 
 
@@ -71,8 +70,12 @@ def test_tasks_subset_and_argument_errors(nyud_root: Path, tmp_path: Path) -> No
 
 
 def test_pascal_samples(pascal_root: Path) -> None:
+    from scipy.io import loadmat
+
+    from mtssm.data.constants import PASCAL_NORMALS_VALID_CLASSES
+
     ds = PASCALContext(pascal_root, "train")
-    seen_people = 0
+    seen_people, kept_any, dropped_any = 0, False, False
     for i in range(len(ds)):
         s = ds[i]
         h, w = s["meta"]["size"]
@@ -91,31 +94,33 @@ def test_pascal_samples(pascal_root: Path) -> None:
         assert set(np.unique(s["sal"])) <= {0, 1}
         np.testing.assert_array_equal(s["sal"], ((sem != 0) & (sem != 255)).astype(np.uint8))
         assert set(np.unique(s["edge"])) <= {0, 1} and s["edge"].any()
-        valid = np.linalg.norm(s["normals"], axis=-1) > 0
-        np.testing.assert_allclose(np.linalg.norm(s["normals"][valid], axis=-1), 1.0, atol=1e-5)
-    assert seen_people >= 2
+        # normals only on the NYU-compatible PASCAL-Context classes of the LabelMap
+        label_map = loadmat(pascal_root / "pascal-context" / "trainval" / f"{ds.ids[i]}.mat")["LabelMap"]
+        kept = np.isin(label_map, PASCAL_NORMALS_VALID_CLASSES)
+        assert (np.linalg.norm(s["normals"][kept], axis=-1) > 0.99).all() and (s["normals"][~kept] == 0).all()
+        kept_any, dropped_any = kept_any or kept.any(), dropped_any or (~kept).any()
+    assert seen_people >= 2 and kept_any and dropped_any
 
 
 def test_pascal_edges_are_thin_label_discontinuities(pascal_root: Path) -> None:
     from scipy.io import loadmat
 
-    ds = PASCALContext(pascal_root, "val", tasks=["edge"])
-    sid = ds.ids[0]
+    sid = PASCALContext(pascal_root, "val", tasks=["edge"]).ids[0]
     labels = loadmat(pascal_root / "pascal-context" / "trainval" / f"{sid}.mat")["LabelMap"].astype(int)
-    edge = ds[0]["edge"].astype(bool)
-    boundary = np.zeros_like(edge)
+    boundary = np.zeros(labels.shape, bool)
     boundary[:, 1:] |= labels[:, 1:] != labels[:, :-1]
     boundary[:, :-1] |= labels[:, 1:] != labels[:, :-1]
     boundary[1:] |= labels[1:] != labels[:-1]
     boundary[:-1] |= labels[1:] != labels[:-1]
-    assert edge.any() and not (edge & ~boundary).any()  # edges only at discontinuities
-    # every discontinuity has one of its two pixels marked, and the line is thinner than the
-    # two-sided boundary
+    for rule in ("official", "neighbour4"):
+        edge = PASCALContext(pascal_root, "val", tasks=["edge"], edge_rule=rule)[0]["edge"].astype(bool)
+        assert edge.any() and not (edge & ~boundary).any()  # edges only at discontinuities
+        assert edge.sum() < 0.6 * boundary.sum()  # thinner than the two-sided boundary
+    # the 4-neighbour rule marks one of the two pixels of every discontinuity
     cross = labels[:, 1:] != labels[:, :-1]
     assert (edge[:, 1:] | edge[:, :-1])[cross].all()
     down = labels[1:] != labels[:-1]
     assert (edge[1:] | edge[:-1])[down].all()
-    assert edge.sum() < 0.6 * boundary.sum()
 
 
 def test_label_edges_marks_one_side() -> None:
@@ -146,16 +151,25 @@ def test_pascal_parts_mat_is_parsed_with_scipy(pascal_root: Path, tmp_path: Path
 
 
 def test_cityscapes_depth_from_disparity(cityscapes_root: Path) -> None:
+    import json
+
     ds = Cityscapes(cityscapes_root, "train")
     assert len(ds) == 3 and ds.ids[0].startswith("aachen/")
     s = ds[0]
     idx = int(ds.ids[0].split("_")[1])
     truth = _truth(7, idx, (48, 96))
-    d = s["depth"]
-    assert d.dtype == np.float32 and ((d == 0) | ((d > 0) & (d < 80))).all()
+    d = s["depth"]  # disparity in pixels, 0 invalid
+    png = np.asarray(Image.open(cityscapes_root / "disparity" / "train" / f"{ds.ids[0]}_disparity.png"))
+    np.testing.assert_array_equal(d, np.where(png > 0, (png.astype(np.float32) - 1) / 256, 0))
+    city, stem = ds.ids[0].split("/")
+    cam = json.loads((cityscapes_root / "camera" / "train" / city / f"{stem}_camera.json").read_text())
     valid = (d > 0) & (truth["depth"] > 0)
     assert valid.mean() > 0.8
-    np.testing.assert_allclose(d[valid], truth["depth"][valid], rtol=0.01)
+    focal = cam["extrinsic"]["baseline"] * cam["intrinsic"]["fx"]
+    np.testing.assert_allclose(focal / d[valid], truth["depth"][valid], rtol=0.01)
+    metres = Cityscapes(cityscapes_root, "train", depth_target="metres")[0]["depth"]
+    both = (metres > 0) & valid
+    np.testing.assert_allclose(metres[both], truth["depth"][both], rtol=0.01)
     sem = s["semseg"]
     assert ((sem < NUM_CLASSES["cityscapes"]["semseg"]) | (sem == 255)).all()
     # floor -> road (0), wall -> wall (3), ceiling -> sky (10)
@@ -250,22 +264,194 @@ def test_never_writes_into_the_dataset_folder(pascal_root: Path) -> None:
 
 
 def test_decode_normals_matches_the_formula_and_layouts() -> None:
-    """n = 2 v / 255 - 1 renormalised, 0 where the raw norm is below 0.1; both layouts and ``out``
-    agree, and a mis-shaped ``out`` is refused."""
+    """n = 2 v / 255 - 1 in float32 as the official loaders compute it, for every code; the flag
+    channel marks invalid (0) and x-negated (254) pixels; both layouts and ``out`` agree, and a
+    mis-shaped ``out`` is refused."""
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 256, (64, 80, 3)).astype(np.uint8)
-    codes[:4] = 128  # the invalid code
-    codes[4:6] = (127, 128, 129)  # tiny, invalid
-    codes[6, :3] = [(255, 128, 128), (0, 0, 0), (255, 255, 255)]
-    raw = codes.astype(np.float64) * 2 / 255 - 1
-    norm = np.linalg.norm(raw, axis=-1, keepdims=True)
-    expected = np.where(norm >= 0.1, raw / np.maximum(norm, 1e-12), 0.0)
+    codes[0, :3] = [(128, 128, 128), (0, 0, 0), (255, 255, 255)]
+    expected = 2 * codes.astype(np.float32) / 255.0 - 1
     got = decode_normals(codes)
     assert got.dtype == np.float32 and got.shape == (64, 80, 3)
-    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
-    assert (got[:6] == 0).all()
+    np.testing.assert_array_equal(got, expected)
+    flagged = np.concatenate([codes, np.full((64, 80, 1), 255, np.uint8)], -1)
+    flagged[1, :, 3] = 0
+    flagged[2, :, 3] = 254
+    with_flags = decode_normals(flagged)
+    assert (with_flags[1] == 0).all()
+    np.testing.assert_array_equal(with_flags[2, :, 0], -expected[2, :, 0])
+    np.testing.assert_array_equal(with_flags[3:], expected[3:])
     out = np.full((3, 64, 80), np.nan, np.float32)
     assert decode_normals(codes, channels_first=True, out=out) is out
     np.testing.assert_array_equal(out, got.transpose(2, 0, 1))
     with pytest.raises(ValueError, match="out must be"):
         decode_normals(codes, channels_first=True, out=np.empty((3, 64, 81), np.float32))
+
+
+# ------------------------------------------------ hand-written official layouts vs the official semantics
+
+
+def _official_labels(mtssm: np.ndarray, official: np.ndarray) -> None:
+    np.testing.assert_array_equal(mtssm.astype(np.float32), official.reshape(mtssm.shape))
+
+
+def _nyud_by_hand(root: Path) -> Path:
+    rng = np.random.default_rng(11)
+    samples = {}
+    for sid in ("0001", "0002"):
+        normals = rng.integers(0, 256, (12, 16, 3)).astype(np.uint8)
+        normals[0, :4] = [(128, 128, 128), (0, 0, 0), (255, 255, 255), (127, 128, 129)]
+        depth = rng.uniform(0.5, 9.0, (12, 16)).astype(np.float32)
+        depth[2:4, 3:6] = 0.0
+        samples[sid] = {
+            "image": rng.integers(0, 256, (12, 16, 3)).astype(np.uint8),
+            "segmentation": rng.integers(0, 41, (12, 16)).astype(np.uint8),
+            "depth": depth,
+            "normals": normals,
+            "edge": (rng.random((12, 16)) > 0.8).astype(np.uint8) * 255,
+        }
+    return official.write_nyud(root, samples)
+
+
+def test_nyud_official_layout_decodes_as_the_official_loader(tmp_path: Path) -> None:
+    root = _nyud_by_hand(tmp_path / "nyud")
+    ds = NYUDv2(root, "train")
+    for i, sid in enumerate(ds.ids):
+        s, ref = ds[i], official.nyud_official(root, sid)
+        np.testing.assert_array_equal(s["image"], ref["image"])
+        _official_labels(s["semseg"], ref["semseg"])
+        _official_labels(s["edge"], ref["edge"])
+        # depth: official 255 (AddIgnoreRegions of 0) is mtssm's invalid 0
+        np.testing.assert_array_equal(s["depth"], np.where(ref["depth"] == 255, 0, ref["depth"]))
+        # normals 2 v / 255 - 1 as stored, bit for bit, every pixel valid (even 128, 128, 128)
+        np.testing.assert_array_equal(s["normals"], ref["normals"])
+        assert s["normals"].dtype == np.float32 and (np.abs(s["normals"]).sum(-1) > 0).all()
+    # the stricter rule is an option: renormalised, short codes invalid
+    strict = NYUDv2(root, "train", normals_rule="unit")[0]["normals"]
+    assert (strict[0, 0] == 0).all() and (strict[0, 3] == 0).all()
+    valid = np.linalg.norm(strict, axis=-1) > 0
+    np.testing.assert_allclose(np.linalg.norm(strict[valid], axis=-1), 1.0, atol=1e-6)
+
+
+def _pascal_by_hand(root: Path) -> Path:
+    rng = np.random.default_rng(12)
+    h, w = 24, 32
+    C = official.CONTEXT
+    label_map = np.full((h, w), C["wall"], np.uint16)
+    label_map[16:] = C["grass"]
+    label_map[:6] = C["sky"]
+    label_map[8:14, 4:12] = C["person"]
+    label_map[8:14, 20:30] = C["tvmonitor"]
+    label_map[2:5, 14:17] = [1, 2, 3]  # neighbours 1 and 3 around 2 cancel in the Laplacian
+    person = np.zeros((h, w), bool)
+    person[8:14, 4:12] = True
+    head, torso = person.copy(), person.copy()
+    head[10:] = False
+    torso[:10] = False
+    luarm = np.zeros((h, w), bool)
+    luarm[11:13, 4:6] = True
+    chair = np.zeros((h, w), bool)
+    chair[18:22, 20:26] = True
+    empty = np.zeros((h, w), bool)
+    objects = {
+        "2008_000001": [("chair", 9, chair, []),
+                        ("person", 15, person, [("head", head), ("torso", torso), ("luarm", luarm)])],
+        "2008_000002": [("chair", 9, chair, [])],  # no person
+        "2008_000003": [("person", 15, person, [])],  # a person without parts
+        "2008_000004": [("person", 15, empty, [("head", head)])],  # parts, but no person area
+        "2008_000005": [("person", 15, person, [("head", empty)])],  # parts covering nothing
+    }  # fmt: skip
+    samples = {}
+    for sid, objs in objects.items():
+        semseg = np.zeros((h, w), np.uint8)
+        semseg[person] = 15
+        semseg[chair] = 9
+        semseg[0, 0] = 255
+        samples[sid] = {
+            "image": rng.integers(0, 256, (h, w, 3)).astype(np.uint8),
+            "semseg": semseg,
+            "objects": objs,
+            "normals": rng.integers(0, 256, (h, w, 3)).astype(np.uint8),
+            "sal": rng.integers(0, 256, (h, w)).astype(np.uint8),
+            "label_map": label_map,
+        }
+    return official.write_pascal(root, samples)
+
+
+def test_pascal_official_layout_decodes_as_the_official_loader(tmp_path: Path) -> None:
+    root = _pascal_by_hand(tmp_path / "pascal")
+    ds = PASCALContext(root, "train")
+    parts_kept = []
+    for i, sid in enumerate(ds.ids):
+        s, ref = ds[i], official.pascal_official(root, sid)
+        np.testing.assert_array_equal(s["image"], ref["image"])
+        for task in ("semseg", "sal", "edge", "human_parts"):
+            _official_labels(s[task], ref[task])
+        # normals kept on the NYU-compatible LabelMap classes only; official 255 is mtssm's 0
+        ignored = (ref["normals"] == 255).all(-1)
+        np.testing.assert_array_equal(s["normals"][~ignored], ref["normals"][~ignored])
+        assert (s["normals"][ignored] == 0).all()
+        parts_kept.append(bool((s["human_parts"] != 255).any()))
+        if i == 0:
+            label_map = official.loadmat(root / "pascal-context" / "trainval" / f"{sid}.mat")["LabelMap"]
+            assert ignored[label_map == official.CONTEXT["sky"]].all() and ignored[label_map == 1].all()
+            assert not ignored[label_map == official.CONTEXT["tvmonitor"]].any()
+            assert not ignored[label_map == official.CONTEXT["person"]].any()
+            assert s["edge"][3, 15] == 0  # the cancelling discontinuity is no official edge
+    assert parts_kept == [True, False, False, False, False]
+    # the one-pixel 4-neighbour rule is an option, and it marks the cancelling discontinuity
+    alt = PASCALContext(root, "train", tasks=["edge"], edge_rule="neighbour4")[0]["edge"]
+    assert alt[3, 15] == 1 and not np.array_equal(alt, ds[0]["edge"])
+
+
+def test_pascal_encoded_normals_decode_to_the_same_values(tmp_path: Path) -> None:
+    from mtssm.data.transforms import ToTensor
+
+    root = _pascal_by_hand(tmp_path / "pascal")
+    plain = PASCALContext(root, "train", tasks=["normals"])[0]["normals"]
+    ds = PASCALContext(root, "train", tasks=["normals"])
+    ds.encoded_normals = True
+    codes = ds[0]["normals"]
+    assert codes.dtype == np.uint8 and codes.shape == plain.shape[:2] + (4,)
+    decoded = ToTensor()({"image": np.zeros(plain.shape, np.uint8), "normals": codes, "meta": {}})["normals"]
+    np.testing.assert_array_equal(decoded.permute(1, 2, 0).numpy(), plain)
+
+
+def test_normals_valid_classes_are_the_official_list() -> None:
+    from mtssm.data.constants import PASCAL_NORMALS_VALID_CLASSES as valid
+
+    assert len(valid) == len(set(valid)) == 170
+    C = official.CONTEXT
+    assert {C["wall"], C["floor"], C["person"], C["tvmonitor"], C["chair"]} <= set(valid)
+    assert not {C["sky"], C["grass"], C["tree"], C["water"], C["accordion"], C["aeroplane"]} & set(valid)
+
+
+def test_cityscapes_official_layout_decodes_as_mtmamba_pp(tmp_path: Path) -> None:
+    from mtssm.data import build_dataset
+    from mtssm.data.transforms import ResizeImage
+
+    h, w = 1024, 2048
+    yy, xx = np.mgrid[0:h, 0:w]
+    label_ids = ((xx // 128 + yy // 128) % 34).astype(np.uint8)
+    label_ids[:64] = 10  # rail track: MTMamba++ gives it disparity 0
+    disparity = ((xx * 37 + yy * 11) % 30000 + 1).astype(np.uint16)
+    disparity[100:140] = 0  # invalid
+    disparity[140:150] = 1  # disparity exactly 0
+    image = np.stack([(xx // 8) % 256, (yy // 4) % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    root = official.write_cityscapes(tmp_path / "cs", {"aachen/aachen_000000_000019": {
+        "image": image, "label_ids": label_ids, "disparity": disparity}})  # fmt: skip
+    ref = official.cityscapes_official(root, "aachen/aachen_000000_000019")
+    raw = Cityscapes(root, "train")[0]
+    _official_labels(raw["semseg"], ref["semseg"])
+    d = raw["depth"]
+    positive = ref["depth"] > 0
+    np.testing.assert_array_equal(d[positive], ref["depth"][positive])
+    assert (d[~positive] == 0).all()  # official -1 (invalid) and 0 (labelId 10, v = 1): never scored
+    np.testing.assert_array_equal(ResizeImage((512, 1024))(raw)["image"], ref["image"])
+    # the pipeline: image 512x1024, labels at 1024x2048, no augmentation
+    s = build_dataset("cityscapes", root, "train", train=True)[(0, 123)]
+    assert s["image"].shape == (3, 512, 1024) and s["semseg"].shape == (h, w) and s["depth"].shape == (1, h, w)
+    np.testing.assert_array_equal(s["depth"][0].numpy(), d)
+    np.testing.assert_array_equal(s["semseg"].numpy(), raw["semseg"])
+    metres = Cityscapes(root, "train", depth_target="metres")[0]["depth"]
+    assert ((metres == 0) | ((metres > 0) & (metres < 80))).all()

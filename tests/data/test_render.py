@@ -122,3 +122,59 @@ def test_camera_uses_nyud_intrinsics() -> None:
     rays, _ = _camera_rays(scene, (480, 640))
     fov = 2 * math.degrees(math.atan((rays[0, -1, 0] - rays[0, 0, 0]) / 2))
     assert 60 < fov < 65  # NYUD Kinect: about 63 degrees horizontally
+
+
+def test_rendered_layouts_are_the_official_ones(nyud_root: Path, pascal_root: Path, cityscapes_root: Path) -> None:
+    """The files the renderer writes have the official formats (PNG modes, dtypes, the PASCAL
+    ``.mat`` structures as the official loader indexes them), nothing else beside them but the
+    render marker, and the official decoding of them equals mtssm's, target by target."""
+    from PIL import Image
+
+    from mtssm.data import Cityscapes, NYUDv2, PASCALContext
+    from mtssm.data.constants import RENDER_MARKER
+    from tests.data import official
+
+    assert sorted(p.name for p in nyud_root.iterdir()) == sorted(
+        ["images", "segmentation", "depth", "normals", "edge", "gt_sets", RENDER_MARKER])
+    assert sorted(p.name for p in pascal_root.iterdir()) == sorted(
+        ["JPEGImages", "semseg", "human_parts", "normals_distill", "sal_distill", "pascal-context", "ImageSets",
+         RENDER_MARKER])  # fmt: skip
+    assert sorted(p.name for p in cityscapes_root.iterdir()) == sorted(
+        ["leftImg8bit", "gtFine", "disparity", "camera", RENDER_MARKER])
+    assert official.read_json(nyud_root / RENDER_MARKER)["layout"] == "nyud"
+
+    ds = NYUDv2(nyud_root, "train")
+    assert ds.rendered
+    sid = ds.ids[0]
+    assert Image.open(nyud_root / "segmentation" / f"{sid}.png").mode == "L"
+    assert Image.open(nyud_root / "normals" / f"{sid}.png").mode == "RGB"
+    edge = np.asarray(Image.open(nyud_root / "edge" / f"{sid}.png"))
+    assert edge.dtype == np.uint8 and set(np.unique(edge)) <= {0, 255}
+    depth = np.load(nyud_root / "depth" / f"{sid}.npy")
+    assert depth.dtype == np.float32 and depth.ndim == 2
+    s, ref = ds[0], official.nyud_official(nyud_root, sid)
+    np.testing.assert_array_equal(s["normals"], ref["normals"])
+    np.testing.assert_array_equal(s["semseg"].astype(np.float32), ref["semseg"])
+    np.testing.assert_array_equal(s["edge"].astype(np.float32), ref["edge"])
+    np.testing.assert_array_equal(s["depth"], np.where(ref["depth"] == 255, 0, ref["depth"]))
+
+    ds = PASCALContext(pascal_root, "train")
+    for i, sid in enumerate(ds.ids):
+        label_map = official.loadmat(pascal_root / "pascal-context" / "trainval" / f"{sid}.mat")["LabelMap"]
+        assert label_map.dtype == np.uint16 and label_map.shape == ds[i]["image"].shape[:2]
+        s, ref = ds[i], official.pascal_official(pascal_root, sid)
+        for task in ("semseg", "sal", "edge", "human_parts"):
+            np.testing.assert_array_equal(s[task].astype(np.float32), ref[task], err_msg=task)
+        ignored = (ref["normals"] == 255).all(-1)
+        np.testing.assert_array_equal(s["normals"][~ignored], ref["normals"][~ignored])
+        assert (s["normals"][ignored] == 0).all()
+
+    ds = Cityscapes(cityscapes_root, "train")
+    city, stem = ds.ids[0].split("/")
+    disparity = official.cv2.imread(str(cityscapes_root / "disparity" / "train" / city / f"{stem}_disparity.png"),
+                                    official.cv2.IMREAD_UNCHANGED)  # fmt: skip
+    assert disparity.dtype == np.uint16 and disparity.ndim == 2
+    assert Image.open(cityscapes_root / "gtFine" / "train" / city / f"{stem}_gtFine_labelIds.png").mode == "L"
+    s = ds[0]
+    positive = (disparity > 1)
+    np.testing.assert_array_equal(s["depth"][positive], (disparity[positive].astype(np.float32) - 1) / 256)

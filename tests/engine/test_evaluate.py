@@ -42,3 +42,26 @@ def test_table_says_whether_the_model_beats_the_baseline():
     lines = format_table(r).splitlines()
     assert "beats it" in next(ln for ln in lines if ln.startswith("depth"))
     assert "DOES NOT beat it" in next(ln for ln in lines if ln.startswith("semseg"))
+
+
+def test_each_image_is_scored_on_its_own_pixels():
+    """A centred-padded image (meta offset) is scored on its window only: its boundaries are
+    matched within max_dist of its own diagonal, not of the padded one."""
+    from tensordict import NonTensorData, NonTensorStack, TensorDict
+
+    from mtssm.engine.evaluate import _update_at_original_size
+
+    h, w, pad = 20, 20, 100
+    top, left = (pad - h) // 2, (pad - w) // 2
+    gt = torch.full((1, 1, pad, pad), 255.0)
+    gt[..., top : top + h, left : left + w] = 0
+    gt[..., top : top + h, left + 8] = 1  # a vertical boundary inside the window
+    logits = torch.full((1, 1, pad, pad), -10.0)
+    logits[..., top : top + h, left + 10] = 10.0  # two pixels off: within 0.04 x 141 px, not 0.04 x 28
+    batch = TensorDict({"image": torch.zeros(1, 3, pad, pad), "edge": gt}, batch_size=[1])
+    batch["meta"] = NonTensorStack(NonTensorData({"id": "a", "size": (h, w), "offset": (top, left)}))
+    own = build_evaluator(["edge"], "nyud", edge_max_dist=0.04, edge_thresholds=3)
+    _update_at_original_size(own, {"edge": logits}, batch, ["edge"])
+    padded = build_evaluator(["edge"], "nyud", edge_max_dist=0.04, edge_thresholds=3)
+    padded.update({"edge": logits}, {"edge": gt})
+    assert own.compute()["edge"]["odsF"] == 0.0 and padded.compute()["edge"]["odsF"] > 99.0

@@ -87,3 +87,81 @@ def test_colour_maps():
     assert depth[0, 0].sum() < depth[-1, -1].sum()  # near dark blue, far bright yellow
     edge = np.asarray(colorize("edge", torch.tensor([[[-20.0, 20.0]]])))
     assert edge[0, 0, 0] == 0 and edge[0, 1, 0] == 255
+
+
+def _saved(tmp_path: Path, img: Image.Image, name: str) -> Path:
+    path = tmp_path / name
+    img.save(path)
+    return path
+
+
+def test_read_rgb_converts_every_mode(tmp_path):
+    from mtssm.data.constants import IMAGENET_MEAN
+    from mtssm.engine.predict import read_rgb
+
+    grey16 = np.array([[0, 1000, 32768, 65535]], dtype=np.uint16)
+    path = _saved(tmp_path, Image.fromarray(grey16), "grey16.png")
+    assert Image.open(path).mode == "I;16"
+    rgb = read_rgb(path)
+    assert rgb.shape == (1, 4, 3) and rgb.dtype == np.float32
+    np.testing.assert_allclose(rgb[..., 0], grey16 / 65535.0, rtol=1e-6)  # not clipped to white
+    assert np.array_equal(rgb[..., 0], rgb[..., 2])
+    np.testing.assert_allclose(read_rgb(_saved(tmp_path, Image.fromarray(grey16.astype(np.int32), "I"), "i.tif"))[..., 1],
+                               grey16 / 65535.0, rtol=1e-6)  # fmt: skip
+    f = np.array([[0.0, 0.25, 1.5, -1.0]], dtype=np.float32)
+    np.testing.assert_allclose(read_rgb(_saved(tmp_path, Image.fromarray(f, "F"), "f.tif"))[..., 0], [[0, 0.25, 1, 0]])
+
+    colours = np.array([[[255, 0, 0], [0, 128, 255]]], dtype=np.uint8)
+    base = Image.fromarray(colours)
+    expect = colours / np.float32(255.0)
+    np.testing.assert_array_equal(read_rgb(_saved(tmp_path, base, "rgb.png")), expect)
+    np.testing.assert_array_equal(read_rgb(_saved(tmp_path, base.convert("L"), "l.png"))[..., 0],
+                                  np.asarray(base.convert("L")) / np.float32(255.0))  # fmt: skip
+    np.testing.assert_array_equal(read_rgb(_saved(tmp_path, base.quantize(4), "p.png")),
+                                  np.asarray(base.quantize(4).convert("RGB")) / np.float32(255.0))  # fmt: skip
+    cmyk = read_rgb(_saved(tmp_path, base.convert("CMYK"), "c.jpg"))
+    assert cmyk.shape == (1, 2, 3) and abs(cmyk[0, 0, 0] - 1.0) < 0.05 and cmyk[0, 0, 1] < 0.05
+
+    # transparency: opaque pixels keep their colour, transparent ones take the padding colour
+    rgba = np.concatenate([colours, np.array([[[255], [0]]], np.uint8)], axis=2)
+    out = read_rgb(_saved(tmp_path, Image.fromarray(rgba, "RGBA"), "rgba.png"))
+    np.testing.assert_allclose(out[0, 0], [1, 0, 0])
+    np.testing.assert_allclose(out[0, 1], IMAGENET_MEAN, rtol=1e-6)
+    la = read_rgb(_saved(tmp_path, Image.fromarray(rgba, "RGBA").convert("LA"), "la.png"))
+    np.testing.assert_allclose(la[0, 1], IMAGENET_MEAN, rtol=1e-6)
+    pal = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
+    pal.putpalette([10, 20, 30, 200, 100, 0])
+    pal.info["transparency"] = 1
+    out = read_rgb(_saved(tmp_path, pal, "pt.png"))
+    np.testing.assert_allclose(out[0, 0], np.array([10, 20, 30]) / 255.0, rtol=1e-6)
+    np.testing.assert_allclose(out[0, 1], IMAGENET_MEAN, rtol=1e-6)
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ValueError, match="bad.png' cannot be read"):
+        read_rgb(bad)
+
+
+def test_read_rgb_applies_exif_orientation(tmp_path):
+    from mtssm.engine.predict import read_rgb
+
+    img = Image.fromarray(np.zeros((2, 3, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: displayed 3 high, 2 wide
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif)
+    assert read_rgb(path).shape == (3, 2, 3)
+
+
+def test_output_stems_never_collide(tmp_path):
+    from mtssm.engine.predict import output_stems
+
+    for rel in ("a/x.png", "b/x.png", "b/x.jpg", "c/y.png", "z.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    p = lambda rel: (tmp_path / rel).resolve()  # noqa: E731
+    assert output_stems([tmp_path / "a/x.png", tmp_path / "c/y.png"]) == {p("a/x.png"): "a/x", p("c/y.png"): "c/y"}
+    assert output_stems([tmp_path / "c/y.png"]) == {p("c/y.png"): "y"}
+    assert output_stems([tmp_path / "b/x.png", tmp_path / "b/x.jpg"]) == {p("b/x.png"): "x.png", p("b/x.jpg"): "x.jpg"}
+    twice = output_stems([tmp_path / "z.png", tmp_path / "a/../z.png"])  # one file named twice
+    assert twice == {p("z.png"): "z"}

@@ -2,6 +2,10 @@
 
 import functools
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,8 +20,9 @@ SIZE = 32  # diagonal 45.25 px: max_dist 0.0075 -> 0.34 px, 0.05 -> 2.26 px
 
 
 def expect(value: float, matcher: str):
-    """``value`` exactly for the exact matcher. pyEdgeEval's correspondPixels is randomised (as the
-    benchmark's): on these maps it may leave one of the 32 pixels of a line unmatched, run to run."""
+    """``value`` exactly for the exact matcher. pyEdgeEval's correspondPixels is an approximate
+    assignment (seeded from its inputs): on these maps it may leave one of the 32 pixels of a line
+    unmatched."""
     return pytest.approx(value, abs=1e-6 if matcher == "scipy" else 100 / SIZE + 1e-6)
 
 
@@ -37,16 +42,56 @@ def test_perfect_shifted_within_and_beyond_tolerance(matcher):
     assert boundary_odsf(vertical_line(13), gt, max_dist=0.05, matcher=matcher) == 0.0
 
 
-@pytest.mark.parametrize("matcher", MATCHERS)
-def test_one_to_one_and_thinning(matcher):
+def thick_line_scores(matcher: str) -> list[float]:
+    """odsF of a 3-pixel-wide line against its centre line, thinned and unthinned."""
     gt = vertical_line(10)
     thick = vertical_line(9) + vertical_line(10) + vertical_line(11)
+    return [boundary_odsf(thick, gt, max_dist=0.05, apply_thinning=thinning, matcher=matcher)
+            for thinning in (False, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("matcher", MATCHERS)
+def test_one_to_one_and_thinning(matcher):
+    unthinned, thinned_score = thick_line_scores(matcher)
     # without thinning each gt pixel matches one of three predicted pixels: P = 1/3, R = 1
-    unthinned = boundary_odsf(thick, gt, max_dist=0.05, apply_thinning=False, matcher=matcher)
     assert unthinned == expect(100 * 2 * (1 / 3) / (1 / 3 + 1), matcher)
-    thinned = thin(thick.numpy() > 0)
+    thinned = thin((vertical_line(9) + vertical_line(10) + vertical_line(11)).numpy() > 0)
     assert thinned.sum(1).max() == 1 and thinned[:, 10].sum() == thinned.sum()
-    assert boundary_odsf(thick, gt, max_dist=0.05, matcher=matcher) > 95.0
+    assert thinned_score > 95.0
+
+
+_SCORE_IN_A_FRESH_PROCESS = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from metrics.test_metric_boundary import thick_line_scores
+print(json.dumps(thick_line_scores("pyedgeeval")))
+"""
+
+
+@pytest.mark.skipif(not HAS_PYEDGEEVAL, reason="pyEdgeEval")
+def test_pyedgeeval_odsf_is_the_same_in_every_process():
+    """correspondPixels' generator is seeded from the clock when its library loads; odsF reseeds it
+    from the inputs, so two fresh processes (and this one) give the same numbers."""
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = _SCORE_IN_A_FRESH_PROCESS.format(tests=tests)
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                      text=True, env=os.environ.copy()).stdout)  # fmt: skip
+            for _ in range(2)]
+    assert runs[0] == runs[1] == thick_line_scores("pyedgeeval")
+    unthinned, thinned = runs[0]
+    assert unthinned == pytest.approx(50.0)
+    assert thinned > 95.0
+
+
+def test_pyedgeeval_matching_is_a_function_of_its_inputs():
+    """Many random maps, each matched twice in different orders: the same counts every time."""
+    if not HAS_PYEDGEEVAL:
+        pytest.skip("pyEdgeEval")
+    rng = np.random.default_rng(1)
+    maps = [(rng.random((40, 56)) > 0.9, rng.random((40, 56)) > 0.9) for _ in range(12)]
+    first = [_match_pyedgeeval(a, b, 0.05) for a, b in maps]
+    second = [_match_pyedgeeval(a, b, 0.05) for a, b in reversed(maps)][::-1]
+    assert first == second
 
 
 def test_thin_keeps_one_pixel_curves_and_reduces_blobs():

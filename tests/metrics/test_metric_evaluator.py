@@ -85,7 +85,7 @@ def test_streaming_equals_functions_on_the_whole_dataset():
     assert result["depth"]["rmse"] == pytest.approx(depth_rmse(cat("depth", 0), cat("depth", 1)))
     assert result["normals"]["mErr"] == pytest.approx(normals_mean_angle(cat("normals", 0), cat("normals", 1)))
     sal_probs = cat("sal", 0).softmax(1)[:, 1]
-    assert result["sal"]["maxF"] == pytest.approx(saliency_maxf(sal_probs, cat("sal", 1)))
+    assert result["sal"]["maxF"] == pytest.approx(saliency_maxf(sal_probs.sigmoid(), cat("sal", 1)))
     edge_probs = cat("edge", 0).sigmoid()
     assert result["edge"]["odsF"] == pytest.approx(boundary_odsf(edge_probs, cat("edge", 1), 0.0075, 9,
                                                                 matcher="scipy"))
@@ -101,7 +101,10 @@ def test_outputs_resized_to_label_size_and_single_channel_saliency():
     sal = SaliencyAccumulator()
     logits = torch.randn(B, 1, H, W)
     sal.update(logits, labels["sal"])
-    assert sal.compute()["maxF"] == pytest.approx(saliency_maxf(logits[:, 0].sigmoid(), labels["sal"]))
+    assert sal.compute()["maxF"] == pytest.approx(saliency_maxf(logits[:, 0].sigmoid().sigmoid(), labels["sal"]))
+    plain = SaliencyAccumulator(squash=False)
+    plain.update(logits, labels["sal"])
+    assert plain.compute()["maxF"] == pytest.approx(saliency_maxf(logits[:, 0].sigmoid(), labels["sal"]))
 
 
 def test_bad_input_messages():
@@ -138,3 +141,25 @@ def test_all_reduce_single_process(tmp_path):
         assert acc.compute() == before
     finally:
         dist.destroy_process_group()
+
+
+def test_saliency_maxf_as_the_official_meter():
+    """The official SaliencyMeter (beta^2 0.3, thresholds arange(0.05, 1, 0.05)) applied to the
+    probabilities get_output gives: it squashes them with a sigmoid, counts over the dataset."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 2, 9, 11, generator=g) * 3
+    label = (torch.rand(2, 9, 11, generator=g) > 0.6).long()
+    label[0, 0] = 255
+    p = torch.nn.functional.softmax(logits.permute(0, 2, 3, 1), dim=3)[..., 1] * 255  # get_output
+    preds = torch.sigmoid(p.float() / 255.0)
+    valid = label != 255
+    best = 0.0
+    for t in torch.arange(0.05, 1, 0.05):
+        f_pred = torch.masked_select((preds >= t).long(), valid)
+        f_tgt = torch.masked_select(label, valid)
+        tp = float((f_pred * f_tgt).sum())
+        prec, rec = tp / max(float(f_pred.sum()), 1e-8), tp / max(float(f_tgt.sum()), 1e-8)
+        best = max(best, (1 + 0.3) * prec * rec / max(0.3 * prec + rec, 1e-8))
+    acc = SaliencyAccumulator()
+    acc.update(logits, label)
+    assert acc.compute()["maxF"] == pytest.approx(100 * best, abs=1e-3)

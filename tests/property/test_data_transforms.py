@@ -32,7 +32,7 @@ def test_fused_scale_crop_equals_scale_then_crop(size, crop, seed) -> None:
     s = _sample(*size, seed)
     fused = RandomScaleCrop(crop)(s, np.random.default_rng(seed))
     rng = np.random.default_rng(seed)
-    two = RandomCrop(crop)(RandomScale()(s, rng), rng)
+    two = PadTo(crop)(RandomCrop(crop)(RandomScale()(s, rng), rng))
     for key in ("semseg", "depth", "normals", "edge"):
         np.testing.assert_array_equal(fused[key], two[key])
     assert fused["image"].shape == (*crop, 3)
@@ -57,8 +57,10 @@ def test_pad_then_crop_back_is_identity(size, pad, seed) -> None:
     s = _sample(*size, seed)
     out = PadTo(pad)(s, np.random.default_rng(0))
     h, w = size
+    top, left = out["meta"].get("offset", (0, 0))
+    assert (top, left) == (max(pad[0] - h, 0) // 2, max(pad[1] - w, 0) // 2)  # centred
     for key in ("image", "semseg", "depth", "normals", "edge"):
-        np.testing.assert_array_equal(out[key][:h, :w], s[key])
+        np.testing.assert_array_equal(out[key][top : top + h, left : left + w], s[key])
 
 
 @settings(max_examples=20, deadline=None)
@@ -67,9 +69,9 @@ def test_scale_divides_depth_and_keeps_normals_unit(size, seed) -> None:
     s = _sample(*size, seed)
     out = RandomScale()(s, np.random.default_rng(seed))
     scale = np.random.default_rng(seed).uniform(0.5, 2.0)
-    hs = max(round(size[0] * scale), 1)
-    ratio = hs / size[0]
-    # every output depth is some input depth divided by the realised scale
+    assert out["depth"].shape == (max(int(size[0] * scale), 1), max(int(size[1] * scale), 1))
+    ratio = scale
+    # every output depth is some input depth divided by the drawn scale
     src = np.sort(s["depth"].ravel())
     got = (out["depth"] * ratio).ravel()
     idx = np.clip(np.searchsorted(src, got), 1, len(src) - 1)

@@ -30,13 +30,16 @@ def test_tiny_recipe_runs_through_the_cli(tmp_path):
     assert set(result["metrics"]) == {"semseg", "depth", "normals", "edge"}
     assert set(result["trivial_baselines"]) == {"semseg", "depth", "normals"}
     sheet = Image.open(out / "predictions" / "0000_sheet.png")
-    assert sheet.size == (64 * 5, 64 + 14)  # input + 4 tasks side by side, caption strip
+    assert sheet.size == (64 * 9, 64 + 14)  # input + (gt, prediction) of 4 tasks, caption strip
+    assert result["delta_m"] is None and "rendered" in result["delta_m_note"]
+    assert result["protocol"].startswith("nyud protocol")
 
     # the cache is reused; eval and predict read the checkpoint
     res = CliRunner().invoke(main, ["eval", str(out), "--data", "rendered", "--max-batches", "1"],
                              env=env)
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "rendering" not in res.output and "mIoU" in res.output and "Δm" in res.output
+    assert "nyud protocol" in res.output and "left out: the data are rendered scenes" in res.output
     image = next((tmp_path / "cache").rglob("images/*.png"))
     res = CliRunner().invoke(main, ["predict", str(out), str(image), "--out", str(tmp_path / "pred")])
     assert res.exit_code == 0, res.output + repr(res.exception)

@@ -968,6 +968,29 @@ at::Tensor prep_perm(const OptTensor& perm, const at::Tensor& u) {
                        : at::empty({0}, u.options().dtype(at::kLong));
 }
 
+// The op's inputs in the kernels' layouts: contiguous, in the compute dtype, variable B and C as
+// (batch, K, G, L, N), perm int64; absent optional inputs are the empty tensor ``empty``.
+struct KernelInputs {
+  at::Tensor u, delta, A, B, C, D, z, bias, init, perm, empty;
+
+  KernelInputs(const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
+               const at::Tensor& B_in, const at::Tensor& C_in, const OptTensor& D_in,
+               const OptTensor& z_in, const OptTensor& bias_in, const OptTensor& init_in,
+               const OptTensor& perm_in, at::ScalarType cdt)
+      : u(prep(u_in, cdt)),
+        delta(prep(delta_in, cdt)),
+        A(prep(A_in, cdt)),
+        B(prep_bc(B_in, cdt)),
+        C(prep_bc(C_in, cdt)),
+        empty(at::empty({0}, u_in.options().dtype(cdt))) {
+    D = prep(D_in, cdt, empty);
+    z = prep(z_in, cdt, empty);
+    bias = prep(bias_in, cdt, empty);
+    init = prep(init_in, cdt, empty);
+    perm = prep_perm(perm_in, u);
+  }
+};
+
 // Returns (out, last_state, chunk_states, pregate); see the schema in TORCH_LIBRARY below.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
     const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
@@ -976,12 +999,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
     bool softplus_flag, int64_t chunk) {
   check_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in, bias_in, init_in, perm_in, chunk);
   const auto cdt = compute_dtype(u_in, delta_in, A_in, B_in, C_in);
-  const auto empty = at::empty({0}, u_in.options().dtype(cdt));
-  const auto u = prep(u_in, cdt), delta = prep(delta_in, cdt), A = prep(A_in, cdt);
-  const auto B = prep_bc(B_in, cdt), C = prep_bc(C_in, cdt);
-  const auto D = prep(D_in, cdt, empty), z = prep(z_in, cdt, empty);
-  const auto bias = prep(bias_in, cdt, empty), init = prep(init_in, cdt, empty);
-  const auto perm = prep_perm(perm_in, u);
+  const KernelInputs in(u_in, delta_in, A_in, B_in, C_in, D_in, z_in, bias_in, init_in, perm_in,
+                        cdt);
+  const auto& [u, delta, A, B, C, D, z, bias, init, perm, empty] = in;
   const ScanShape s = make_shape(u, delta, A, B, C, D, z, bias, init, perm, softplus_flag, chunk);
   auto out = at::empty_like(u);
   auto last = at::empty({s.batch, s.K, s.dim, s.N}, u.options());
@@ -1021,12 +1041,9 @@ selective_scan_backward_cpu(const at::Tensor& dout_in, const OptTensor& dlast_in
   TORCH_CHECK(cdt == compute_dtype(u_in, delta_in, A_in, B_in, C_in),
               "mtssm::selective_scan_backward: chunk_states has dtype ", cdt,
               ", not the forward's compute dtype");
-  const auto empty = at::empty({0}, u_in.options().dtype(cdt));
-  const auto u = prep(u_in, cdt), delta = prep(delta_in, cdt), A = prep(A_in, cdt);
-  const auto B = prep_bc(B_in, cdt), C = prep_bc(C_in, cdt);
-  const auto D = prep(D_in, cdt, empty), z = prep(z_in, cdt, empty);
-  const auto bias = prep(bias_in, cdt, empty), init = prep(init_in, cdt, empty);
-  const auto perm = prep_perm(perm_in, u);
+  const KernelInputs in(u_in, delta_in, A_in, B_in, C_in, D_in, z_in, bias_in, init_in, perm_in,
+                        cdt);
+  const auto& [u, delta, A, B, C, D, z, bias, init, perm, empty] = in;
   const auto dout = prep(dout_in, cdt), dlast = prep(dlast_in, cdt, empty);
   const ScanShape s = make_shape(u, delta, A, B, C, D, z, bias, init, perm, softplus_flag, chunk);
   check_dims(dout, "dout", "(batch, dim, L) like u", {s.batch, s.dim, s.L});
