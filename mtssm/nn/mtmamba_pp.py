@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from mtssm.nn.heads import BATCH_NORMS, ConvHead
 from mtssm.nn.layers import DropPath
 from mtssm.nn.mtmamba import CTMBlock, MTMambaDecoder
-from mtssm.nn.ss2d import CrossSS2D, ScanOrder
+from mtssm.nn.ss2d import SS2D
 
 __all__ = ["FCTMBlock", "SCTMBlock", "build_mtmamba_pp"]
 
@@ -33,7 +33,8 @@ class SCTMBlock(nn.Module):
 
     ``shared = Conv3x3(Conv1x1_{T*C -> C}(LN(concat_t x_t)))`` ``(B, H, W, C)``; per task
     ``x_t + DropPath(CrossSS2D(LN x_t, shared))``, where the task feature is the scanned input (and
-    gives the ``D`` skip and ``z`` gate) while the step and ``B``, ``C`` come from ``shared``.
+    gives the ``D`` skip and ``z`` gate) while the step and ``B``, ``C`` come from ``shared``. The
+    cross extractors are ``ssm_layer(dim, cross_dim=dim, **ssm_kwargs)`` (SS2D's cross scan).
     """
 
     def __init__(
@@ -41,13 +42,12 @@ class SCTMBlock(nn.Module):
         tasks: Sequence[str],
         dim: int,
         drop_path: float = 0.0,
-        d_state: int = 16,
-        expand: float = 2,
-        dt_rank: int | str = "auto",
-        order: ScanOrder = "ss2d",
+        ssm_layer: Callable[..., nn.Module] = SS2D,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **ssm_kwargs: object,
     ) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
@@ -59,12 +59,8 @@ class SCTMBlock(nn.Module):
             nn.Conv2d(dim, dim, 3, padding=1, **fk),
         )
         self.norm = nn.ModuleDict({k: norm_layer(dim, **fk) for k in self.tasks})
-        self.op = nn.ModuleDict(
-            {
-                k: CrossSS2D(dim, d_state=d_state, expand=expand, dt_rank=dt_rank, order=order, **fk)
-                for k in self.tasks
-            }
-        )
+        # the cross scan: the Mamba layer reading its selection from the shared feature
+        self.op = nn.ModuleDict({k: ssm_layer(dim, cross_dim=dim, **ssm_kwargs, **fk) for k in self.tasks})
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -27,7 +27,7 @@ code never adds it: ``losses/loss_schemes.py:21`` needs ``route_1_prob`` in the 
 provide; the paper recipes therefore weigh it 0.
 
 Shapes: ``B`` batch, ``C`` channels (``dim``), ``D = expand*C`` scanned channels, ``N`` d_state,
-``R`` dt_rank, ``E`` experts, ``T`` tasks, ``K = 4`` scan directions; maps are channels-first.
+``R`` dt_rank, ``E`` experts, ``T`` tasks, ``K`` scan directions (of ``order``); maps are channels-first.
 """
 
 from __future__ import annotations
@@ -44,10 +44,9 @@ from mtssm.nn import functional as MF
 from mtssm.nn.experts import ParameterExperts, load_balancing_loss
 from mtssm.nn.heads import ConvHead
 from mtssm.nn.mtmamba import check_features
+from mtssm.nn.ss2d import check_dt_range, mamba_init_, num_directions
 
 __all__ = ["DWConv", "PAMEBlock", "PAMMDecoder", "build_pamm"]
-
-_K = 4  # scan directions of every named order
 
 
 def _group_count(channels: int, max_groups: int = 32) -> int:
@@ -156,10 +155,10 @@ class PAMEBlock(nn.Module):
             raise ValueError(f"dt_rank must be a positive int or 'auto', got {dt_rank!r}")
         if order not in ("hilbert", "ss2d"):
             raise ValueError(f"order must be 'hilbert' or 'ss2d' (4 directions), got {order!r}")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        check_dt_range(dt_min, dt_max)
         fk = {"device": device, "dtype": dtype}
         self.in_dim, self.dim, self.d_state, self.order = in_dim, dim, d_state, order
+        self.K = num_directions(order)
         self.d_inner = d = int(expand * dim)
         self.dt_rank = r = math.ceil(dim / 16) if dt_rank == "auto" else dt_rank
         self.use_priors = use_priors
@@ -196,20 +195,13 @@ class PAMEBlock(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
-        """Mamba's initialisation per task: dt_proj weight U(+-R^-0.5), dt bias the inverse softplus
-        of a step log-uniform in [dt_min, dt_max], ``A_log = log(1..N)``, ``D = 1``; priors
-        truncated-normal (std 0.02)."""
-        lo, hi = math.log(self.dt_min), math.log(self.dt_max)
+        """Mamba's initialisation per task (:func:`~mtssm.nn.ss2d.mamba_init_` of ``dt_proj``,
+        ``A_log`` and ``D``); priors truncated-normal (std 0.02)."""
         for t in self.tasks:
-            proj = self.dt_proj[t]
-            std = self.dt_rank**-0.5
-            proj.weight.uniform_(-std, std)
-            dt = torch.exp(torch.rand_like(proj.bias, dtype=torch.float32) * (hi - lo) + lo)
-            dt = dt.clamp(min=self.dt_init_floor)
-            proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            a = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log[t].device)
-            self.A_log[t].copy_(torch.log(a).expand_as(self.A_log[t]))
-            self.D[t].fill_(1.0)
+            mamba_init_(
+                self.dt_proj[t].weight, self.dt_proj[t].bias, self.A_log[t], self.D[t],
+                self.dt_min, self.dt_max, self.dt_init_floor,
+            )
             if self.use_priors:
                 nn.init.trunc_normal_(self.prior_B[t], std=0.02)
                 nn.init.trunc_normal_(self.prior_C[t], std=0.02)
@@ -219,15 +211,15 @@ class PAMEBlock(nn.Module):
         b, d, h, w = u.shape
         seq = u.flatten(2).transpose(1, 2)  # (B, L, D)
         delta = self.dt_proj[t].weight @ self.x2dt[t](seq).transpose(1, 2)  # (B, D, L)
-        n = self.d_state
+        n, k = self.d_state, self.K
         y = MF.selective_scan_2d(
             u,
-            delta.unsqueeze(1).expand(b, _K, d, h * w),
-            (-torch.exp(self.A_log[t].float())).repeat(_K, 1),
-            B.reshape(b, 1, n, h * w).expand(b, _K, n, h * w),
-            C.reshape(b, 1, n, h * w).expand(b, _K, n, h * w),
-            self.D[t].repeat(_K),
-            delta_bias=self.dt_proj[t].bias.repeat(_K),
+            delta.unsqueeze(1).expand(b, k, d, h * w),
+            (-torch.exp(self.A_log[t].float())).repeat(k, 1),
+            B.reshape(b, 1, n, h * w).expand(b, k, n, h * w),
+            C.reshape(b, 1, n, h * w).expand(b, k, n, h * w),
+            self.D[t].repeat(k),
+            delta_bias=self.dt_proj[t].bias.repeat(k),
             delta_softplus=True,
             order=self.order,
         )

@@ -35,11 +35,7 @@ from mtssm.nn.msm import build_msm
 from mtssm.nn.pamm import build_pamm
 from mtssm.nn.pretrained import default_normalization, paper_weights, recorded_normalization
 from mtssm.nn.tasks import resolve_tasks
-
-try:
-    from mtssm.nn.weights import WeightsReport, load_encoder_weights, load_model_weights
-except ImportError:  # pragma: no cover - until the weight-format module lands
-    from mtssm.nn._interim_weights import WeightsReport, load_encoder_weights, load_model_weights
+from mtssm.nn.weights import WeightsReport, load_encoder_weights, load_model_weights
 
 __all__ = [
     "DECODERS",

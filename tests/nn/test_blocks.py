@@ -208,3 +208,22 @@ def test_decoder_rejects_wrong_channels_in_one_line():
         dec(feats[:3])
     with pytest.raises(ValueError, match="unknown cross-task block 'xtm'"):
         MTMambaDecoder((8, 16, 32, 64), TASKS, cross="xtm")
+
+
+def test_decoder_takes_a_mamba_layer_per_stage():
+    """Blocks are built from the decoder's ``ssm_layer`` (one per stage); the decoder's SS2D settings
+    fill what the layer does not bind itself."""
+    from functools import partial
+
+    from mtssm.nn.ss2d import SS2D
+
+    hilbert = partial(SS2D, order="hilbert", d_conv=5)
+    dec = MTMambaDecoder((8, 16, 32, 64), TASKS, depths=(1, 1, 1), d_state=4, ssm_layer=[SS2D, hilbert, SS2D])
+    ops = [(s.blocks["depth"][0].op, s.cross.op_share, s.cross.op["depth"]) for s in dec.stages]
+    assert [tuple(m.order for m in o) for o in ops] == [("ss2d",) * 3, ("hilbert",) * 3, ("ss2d",) * 3]
+    assert [o[0].conv2d.kernel_size for o in ops] == [(3, 3), (5, 5), (3, 3)]
+    assert all(m.d_state == 4 for o in ops for m in o)
+    out = dec(_encoder_maps(1, 32, 64))
+    assert torch.isfinite(out["depth"]).all()
+    with pytest.raises(ValueError, match="one per stage"):
+        MTMambaDecoder((8, 16, 32, 64), TASKS, ssm_layer=[SS2D, SS2D])

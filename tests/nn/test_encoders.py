@@ -21,11 +21,10 @@ from mtssm.nn.encoders import (
     create_encoder,
     encoder_config,
     list_encoders,
-    load_encoder_weights,
 )
 from mtssm.nn.encoders.swin import shifted_window_mask
 from mtssm.nn.encoders.vit import default_out_indices, resample_pos_embed
-from mtssm.nn.encoders.weights import resize_relative_position_table
+from mtssm.nn.weights import load_encoder_weights, resize_relative_position_table
 
 # Tiny overrides per family, so every registered encoder runs in milliseconds.
 TINY = {
@@ -211,9 +210,9 @@ def test_official_swin_checkpoint_round_trip(tmp_path):
     torch.nn.init.zeros_(dst.norms[3].weight)
     res = load_encoder_weights(dst, path)
     assert res.layout == "swin-official" and res.ok
-    assert res.new_keys == sorted(f"norms.{i}.{p}" for i in range(3) for p in ("weight", "bias"))
-    assert "head.weight" in res.ignored_keys and "layers.0.blocks.0.attn.relative_position_index" in res.ignored_keys
-    assert not res.resized_keys
+    assert res.absent == sorted(f"norms.{i}.{p}" for i in range(3) for p in ("weight", "bias"))
+    assert "head.weight" in res.ignored and "layers.0.blocks.0.attn.relative_position_index" in res.ignored
+    assert not res.resampled
     torch.testing.assert_close(dst.stages[1].downsample.reduction.weight, src.stages[1].downsample.reduction.weight)
     copy_first_norms(src, dst)
     assert_same_outputs(src, dst, X)
@@ -227,7 +226,7 @@ def test_dense_official_checkpoint_with_prefix(tmp_path):
     torch.save({"state_dict": {"backbone." + k: v for k, v in state.items()}, "meta": {"epoch": 3}}, path)
     dst = tiny("swin_tiny").eval()
     res = load_encoder_weights(dst, path)
-    assert res.ok and not res.new_keys
+    assert res.ok and not res.absent
     assert_same_outputs(src, dst, X)
 
 
@@ -258,7 +257,7 @@ def test_mtssm_layout_round_trip(tmp_path):
         for p in dst.parameters():
             torch.nn.init.zeros_(p)
         res = load_encoder_weights(dst, path)
-        assert res.ok and res.layout == "mtssm" and not res.new_keys
+        assert res.ok and res.layout == "mtssm" and not res.absent
         assert_same_outputs(src, dst, X)
 
 
@@ -269,7 +268,7 @@ def test_relative_position_tables_interpolated_window7_to_12(tmp_path):
     dst = tiny("swin_tiny", window_size=12).eval()
     res = load_encoder_weights(dst, path)
     tables = sorted(k for k in dst.state_dict() if k.endswith("relative_position_bias_table"))
-    assert res.ok and sorted(res.resized_keys) == tables
+    assert res.ok and sorted(res.resampled) == tables
     for stage, src_stage in zip(dst.stages, src.stages, strict=True):
         for block, src_block in zip(stage.blocks, src_stage.blocks, strict=True):
             table = block.attn.relative_position_bias_table
@@ -304,8 +303,8 @@ def test_missing_unexpected_and_mismatched_keys_reported_by_name(tmp_path):
     assert "\n" not in msg and "stages.2.blocks.0.mlp.fc1.bias" in msg and "layers.0.blocks.0.attn.extra_scale" in msg
     assert "strict=False" in msg
     res = load_encoder_weights(dst, path, strict=False)
-    assert res.missing_keys == ["stages.2.blocks.0.mlp.fc1.bias"]
-    assert res.unexpected_keys == ["layers.0.blocks.0.attn.extra_scale"]
+    assert res.missing == ["stages.2.blocks.0.mlp.fc1.bias"]
+    assert res.unexpected == ["layers.0.blocks.0.attn.extra_scale"]
     torch.testing.assert_close(dst.stages[2].blocks[0].mlp.fc1.weight, src.stages[2].blocks[0].mlp.fc1.weight)
 
     wide = tiny("swin_tiny", embed_dim=32, num_heads=(1, 2, 4, 8)).eval()
@@ -353,12 +352,12 @@ def test_timm_vit_checkpoint_round_trip_and_pos_embed_resample(tmp_path):
     save_file(state, path)
     dst = tiny_vit()
     res = load_encoder_weights(dst, path)
-    assert res.layout == "vit-timm" and res.ok and res.ignored_keys == ["head.bias", "head.weight"]
+    assert res.layout == "vit-timm" and res.ok and res.ignored == ["head.bias", "head.weight"]
     assert_same_outputs(src, dst, X)
 
     bigger = tiny_vit(img_size=96)  # grid 6 x 6 instead of 4 x 4
     res = load_encoder_weights(bigger, path)
-    assert res.resized_keys == ["pos_embed"] and bigger.pos_embed.shape == (1, 1 + 36, 64)
+    assert res.resampled == ["pos_embed"] and bigger.pos_embed.shape == (1, 1 + 36, 64)
     torch.testing.assert_close(bigger.pos_embed[:, 0], src.pos_embed[:, 0])  # class position kept
     # loading resamples exactly as the source does at run time for a 96 x 96 input
     assert_same_outputs(src, bigger, torch.randn(1, 3, 96, 96), atol=1e-6)

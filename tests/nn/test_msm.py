@@ -1,4 +1,4 @@
-"""MSM: Multi-Scale Scan equivalences, the padding policy, blocks, decoder and the paper's size."""
+"""MSM: Multi-Scale Scan equivalences, the padding policy, MTMamba's blocks and decoder with it, the paper's size."""
 
 from __future__ import annotations
 
@@ -7,25 +7,28 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from functools import partial
+
 from mtssm.nn import create_model
-from mtssm.nn.msm import (
-    MSM_SCALE_PRESETS,
-    CTMSMBlock,
-    MSMDecoder,
-    MSScan,
-    MSSS2D,
-    TSMSMBlock,
-    build_msm,
-)
-from mtssm.nn.mtmamba import CTMBlock, STMBlock
+from mtssm.nn.msm import MSM_SCALE_PRESETS, MSScan, build_msm, msm_cross_block, msm_stage_scales
+from mtssm.nn.mtmamba import CTMBlock, STMBlock, build_mtmamba
 from mtssm.nn.ss2d import SS2D
+
+
+def _ms_ss2d(scales=(1, 4)):
+    """SS2D with MS-Scan at ``scales`` (MSM's extractor)."""
+    return partial(SS2D, scan_layer=partial(MSScan, scales=scales))
+
+
+def _stage_scales(dec) -> list[tuple[int, ...]]:
+    return [s.blocks[dec.tasks[0]][0].op.ms_scan.scales for s in dec.stages]
 
 SCAN_KEYS = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 
 
 def _ss2d_to_msss2d(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """Rename an SS2D state dict (under ``prefix``) to the keys of an MSSS2D with scales=(1,)."""
+    """Rename a plain SS2D's state dict (under ``prefix``) to the keys of an SS2D with MS-Scan at scales=(1,)."""
     out = {}
     for k, v in state.items():
         name = k[len(prefix):] if k.startswith(prefix) else None
@@ -36,10 +39,10 @@ def _ss2d_to_msss2d(state: dict[str, torch.Tensor], prefix: str = "") -> dict[st
 
 
 @pytest.mark.parametrize("gated", [True, False])
-def test_single_scale_msss2d_is_ss2d(gated):
+def test_single_scale_ms_scan_is_the_plain_scan(gated):
     torch.manual_seed(0)
     ref = SS2D(8, d_state=4, gated=gated)
-    ms = MSSS2D(8, scales=(1,), d_state=4, gated=gated)
+    ms = _ms_ss2d((1,))(8, d_state=4, gated=gated)
     ms.load_state_dict(_ss2d_to_msss2d(ref.state_dict()))
     x = torch.randn(2, 5, 6, 8, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
@@ -58,9 +61,10 @@ def test_single_scale_msss2d_is_ss2d(gated):
 def test_single_scale_blocks_are_mtmamba_blocks():
     torch.manual_seed(0)
     tasks = ("semseg", "depth")
-    stm, ts = STMBlock(8, d_state=4), TSMSMBlock(8, scales=(1,), d_state=4)
+    stm, ts = STMBlock(8, d_state=4), STMBlock(8, ssm_layer=_ms_ss2d((1,)), d_state=4)
     ts.load_state_dict(_ss2d_to_msss2d(stm.state_dict(), "op."))
-    ctm, ct = CTMBlock(tasks, 8, d_state=4), CTMSMBlock(8, tasks, scales=(1,), d_state=4)
+    ctm, ct = CTMBlock(tasks, 8, d_state=4), msm_cross_block(tasks, 8, ssm_layer=partial(_ms_ss2d((1,)), d_state=4))
+    assert ct.op["depth"].scan_core is None  # the per-task extractors keep the plain scan
     ct.load_state_dict(_ss2d_to_msss2d(ctm.state_dict(), "op_share."))
     x = {t: torch.randn(2, 4, 5, 8) for t in tasks}
     torch.testing.assert_close(ts(x["semseg"]), stm(x["semseg"]), **TOL)
@@ -100,8 +104,11 @@ def test_msscan_window_branch_sees_across_window():
 
 def test_scale_options_run_with_gradients():
     torch.manual_seed(0)
-    dec = MSMDecoder([12, 24, 48, 96], ("semseg", "depth"), scales="1-2/1-2-4/1-2-4-6", depths=(1, 1, 1), d_state=4)
-    assert dec.stage_scales == [(1, 2), (1, 2, 4), (1, 2, 4, 6)]
+    dec, _ = build_msm(
+        [12, 24, 48, 96], {"semseg": 40, "depth": 1}, scales="1-2/1-2-4/1-2-4-6", depths=(1, 1, 1), d_state=4
+    )
+    assert _stage_scales(dec) == [(1, 2), (1, 2, 4), (1, 2, 4, 6)]
+    assert [s.cross.op_share.ms_scan.scales for s in dec.stages] == [(1, 2), (1, 2, 4), (1, 2, 4, 6)]
     feats = [torch.randn(1, c, 16 // s, 24 // s) for c, s in zip([12, 24, 48, 96], [1, 2, 4, 8])]
     out = dec(feats)
     assert out.batch_size == torch.Size([1])
@@ -113,7 +120,7 @@ def test_decoder_and_heads_shapes_grads_no_nan():
     torch.manual_seed(0)
     tasks = {"semseg": 40, "depth": 1, "normals": 3}
     dec, heads = build_msm([8, 16, 32, 64], tasks, depths=(1, 1, 1), d_state=4)
-    assert dec.stage_scales == list(MSM_SCALE_PRESETS["1-4"])
+    assert _stage_scales(dec) == list(MSM_SCALE_PRESETS["1-4"])
     # 40 x 56 input: strides 4..32 give 10x14, 5x7, 3x4, 2x2 (rounded up): non-divisible by 4 everywhere.
     feats = [torch.randn(2, c, -(-40 // s), -(-56 // s)) for c, s in zip([8, 16, 32, 64], [4, 8, 16, 32])]
     out = dec(feats)
@@ -133,15 +140,16 @@ def test_errors_are_one_line():
         (lambda: MSScan(10, (1, 2, 4)), "divisible by the number of scales 3"),
         (lambda: MSScan(8, ()), "non-empty"),
         (lambda: MSScan(8, (1, 0)), "positive ints"),
-        (lambda: MSMDecoder([8, 16, 32, 64], ("semseg",), scales="bogus"), "unknown scales preset 'bogus'"),
-        (lambda: MSMDecoder([8, 16, 32, 64], ("semseg",), scales=((1,), (1,))), "one scale set per stage"),
+        (lambda: build_msm([8, 16, 32, 64], {"semseg": 40}, scales="bogus"), "unknown scales preset 'bogus'"),
+        (lambda: msm_stage_scales(((1,), (1,))), "one scale set per stage"),
+        (lambda: MSScan(8, (1, 2), order=torch.zeros(4, 16, dtype=torch.long)), "scan order name"),
         (lambda: MSScan(4, (1,))(torch.randn(1, 3, 4, 4)), r"MSScan expects u of shape \(B, 4, H, W\)"),
     ]
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg) as info:
             fn()
         assert "\n" not in str(info.value)
-    dec = MSMDecoder([8, 16, 32, 64], ("semseg",), depths=(1, 1, 1), d_state=4)
+    dec, _ = build_msm([8, 16, 32, 64], {"semseg": 40}, depths=(1, 1, 1), d_state=4)
     with pytest.raises(ValueError, match="feature level 2 must be") as info:
         dec([torch.randn(1, c if i != 2 else 7, 4, 4) for i, c in enumerate([8, 16, 32, 64])])
     assert "\n" not in str(info.value)
@@ -152,3 +160,31 @@ def test_parameter_count_matches_paper():
     model = create_model("msm_swin_large_nyud", device="meta")
     n = sum(p.numel() for p in model.parameters()) / 1e6
     assert abs(n - 396.54) / 396.54 < 0.02, f"{n:.2f} M"
+
+
+def test_single_scale_msm_decoder_is_mtmamba():
+    """MSM at scales {1} everywhere computes MTMamba's decoder (the same weights, renamed)."""
+    torch.manual_seed(0)
+    tasks = {"semseg": 40, "depth": 1}
+    ref, ref_heads = build_mtmamba([8, 16, 32, 64], tasks, depths=(1, 1, 1), d_state=4)
+    dec, heads = build_msm([8, 16, 32, 64], tasks, scales="1", depths=(1, 1, 1), d_state=4)
+    state = {}
+    for k, v in ref.state_dict().items():
+        head, _, name = k.rpartition(".")
+        plain = ".cross.op." in k  # CT-MSM's per-task extractors keep the plain scan
+        state[f"{head}.ms_scan.branches.0.{name}" if name in SCAN_KEYS and not plain else k] = v
+    dec.load_state_dict(state, strict=True)
+    heads.load_state_dict(ref_heads.state_dict())
+    feats = [torch.randn(1, c, -(-20 // s), -(-36 // s)) for c, s in zip([8, 16, 32, 64], [4, 8, 16, 32])]
+    out, expect = dec.eval()(feats), ref.eval()(feats)
+    for t in tasks:
+        torch.testing.assert_close(out[t], expect[t], **TOL)
+
+
+def test_ms_scan_directions_follow_the_order():
+    """The branches' number of directions is the order's (4 for ss2d, 1 for a single raster)."""
+    assert [b.K for b in MSScan(8, (1, 2), order="ss2d").branches] == [4, 4]
+    scan = MSScan(8, (1, 2), order="row")
+    assert [b.K for b in scan.branches] == [1, 1]
+    assert scan.branches[1].x_proj_weight.shape[0] == 1
+    assert scan(torch.randn(1, 8, 4, 6)).shape == (1, 8, 4, 6)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mtssm._ops.selective_scan import selective_scan_ref
 from mtssm.nn import functional as MF
-from mtssm.nn.ss2d import SS2D, CrossSS2D
+from mtssm.nn.ss2d import SS2D, CrossSS2D, DirectionalScan, mamba_init_
 
 # (forward atol, rtol), (gradient atol, rtol)
 TOL = {
@@ -171,6 +171,9 @@ def test_ss2d_meta_device_and_parameter_count():
         (lambda: SS2D(8, dt_rank=0), None, "dt_rank"),
         (lambda: SS2D(8, d_conv=4), None, "d_conv"),
         (lambda: CrossSS2D(8, gated=False), None, "always gated"),
+        (lambda: SS2D(8), lambda m: m(torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8)), "exactly when built with cross_dim"),
+        (lambda: CrossSS2D(8), lambda m: m(torch.randn(1, 4, 4, 8)), "exactly when built with cross_dim"),
+        (lambda: SS2D(8, dt_min=0.2, dt_max=0.1), None, "dt_min <= dt_max"),
     ],
 )
 def test_ss2d_errors_are_one_line(make, call, match):
@@ -178,3 +181,36 @@ def test_ss2d_errors_are_one_line(make, call, match):
         m = make()
         call(m)
     assert "\n" not in str(info.value)
+
+
+def test_mamba_init_any_leading_shape():
+    """One initialisation for SS2D's stacked (K, D, R) projections and PAMM's per-task (D, R) ones."""
+    torch.manual_seed(5)
+    for w_shape, b_shape, a_shape in (((4, 6, 3), (24,), (24, 5)), ((6, 3), (6,), (6, 5))):
+        w, b, a, d = torch.empty(w_shape), torch.empty(b_shape), torch.empty(a_shape), torch.empty(a_shape[0])
+        mamba_init_(w, b, a, d, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4)
+        assert w.abs().max() <= 3**-0.5
+        dt = F.softplus(b)
+        assert dt.min() >= 1e-3 * (1 - 1e-4) and dt.max() <= 0.1 * (1 + 1e-4)
+        torch.testing.assert_close(a, torch.log(torch.arange(1, 6.0)).expand(a_shape))
+        torch.testing.assert_close(d, torch.ones(a_shape[0]))
+    with pytest.raises(ValueError, match="dt_min <= dt_max"):
+        mamba_init_(w, b, a, d, dt_min=0.0)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_ss2d_with_directional_scan_core_is_ss2d(cross):
+    """The plain scan as a pluggable core (``scan_layer=DirectionalScan``) computes SS2D's default scan."""
+    kw = {"d_state": 4, "cross_dim": 8 if cross else None}
+    torch.manual_seed(6)
+    ref = SS2D(8, **kw)
+    m = SS2D(8, scan_layer=DirectionalScan, **kw)
+    assert m.scan_core_name == "scan" and isinstance(m.scan_core, DirectionalScan)
+    assert m.scan_core.K == ref.K == 4
+    ref_state = ref.state_dict()
+    renamed = {(f"scan.{k}" if hasattr(m.scan_core, k) else k): v for k, v in ref_state.items()}
+    assert set(renamed) == set(m.state_dict())
+    m.load_state_dict(renamed)
+    x = torch.randn(2, 4, 5, 8)
+    args = (x, torch.randn(2, 4, 5, 8)) if cross else (x,)
+    torch.testing.assert_close(m(*args), ref(*args), rtol=0, atol=0)

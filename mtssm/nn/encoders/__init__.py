@@ -1,10 +1,11 @@
-"""Image encoders with a documented four-level contract, their registry and weight loading.
+"""Image encoders with a documented four-level contract and their registry.
 
 Every encoder maps images (B, 3, H, W) of any size to a list of four channels-first maps; level i
 is (B, C_i, ceil(H / s_i), ceil(W / s_i)) with ``(C_i, s_i) = encoder.feature_info[i]``
 (:class:`FeatureInfo`).
 
 >>> enc = create_encoder("swin_large")            # Swin-L/4, window 12: C = 192, 384, 768, 1536
+>>> from mtssm.nn.weights import load_encoder_weights
 >>> load_encoder_weights(enc, "swin_large_patch4_window12_384_22kto1k.pth")  # doctest: +SKIP
 >>> [f.stride for f in enc.feature_info]
 [4, 8, 16, 32]
@@ -22,21 +23,17 @@ from mtssm.nn.encoders.cnn import CNNEncoder
 from mtssm.nn.encoders.common import Encoder, FeatureInfo
 from mtssm.nn.encoders.swin import SwinEncoder
 from mtssm.nn.encoders.vit import ViTEncoder
-from mtssm.nn.encoders.weights import LoadResult, load_encoder_weights, read_state_dict
 
 __all__ = [
     "CNNEncoder",
     "ENCODER_WEIGHTS",
     "Encoder",
     "FeatureInfo",
-    "LoadResult",
     "SwinEncoder",
     "ViTEncoder",
     "create_encoder",
     "encoder_config",
     "list_encoders",
-    "load_encoder_weights",
-    "read_state_dict",
 ]
 
 _FAMILIES: dict[str, type[Encoder]] = {"swin": SwinEncoder, "vit": ViTEncoder, "cnn": CNNEncoder}
@@ -88,7 +85,7 @@ _ENCODERS: dict[str, dict[str, Any]] = {
 _IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 _INCEPTION = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
-#: Which released checkpoints fit each entry (load them with :func:`load_encoder_weights`) and the
+#: Which released checkpoints fit each entry (load them with :func:`mtssm.nn.weights.load_encoder_weights`) and the
 #: input normalisation they were trained with. Metadata only; nothing is downloaded.
 ENCODER_WEIGHTS: dict[str, dict[str, Any]] = {
     "swin_tiny": dict(

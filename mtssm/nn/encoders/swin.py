@@ -15,7 +15,7 @@ Internal layout: maps travel channels-last ``(B, H, W, C)`` between blocks. Modu
 ``patch_embed.{proj,norm}``, ``stages.{i}.downsample.{norm,reduction}`` (stages 1..3; the merge
 that starts stage i), ``stages.{i}.blocks.{j}.{norm1,attn.{qkv,proj,relative_position_bias_table},
 norm2,mlp.{fc1,fc2}}``, ``norms.{i}`` (the per-output LayerNorms). Checkpoints in the official
-Swin or timm layouts are mapped onto these names by :func:`mtssm.nn.encoders.load_encoder_weights`.
+Swin, timm or mmseg layouts are mapped onto these names by :func:`mtssm.nn.weights.load_encoder_weights`.
 """
 
 from __future__ import annotations

@@ -132,7 +132,8 @@ class ViTEncoder(Encoder):
     """ViT returning four stride-p maps from evenly spaced blocks.
 
     Args:
-        img_size: the training image side; fixes the stored position grid (img_size / p)**2.
+        img_size: the training image side, or its (height, width); fixes the stored position grid
+            (height / p, width / p) (PAMM trains on NYUDv2 at (448, 576): a 28 x 36 grid).
         patch_size: p, the stride of every output.
         in_chans: input image channels.
         embed_dim: C, channels of every output.
@@ -152,7 +153,7 @@ class ViTEncoder(Encoder):
 
     def __init__(
         self,
-        img_size: int = 384,
+        img_size: int | tuple[int, int] = 384,
         patch_size: int = 16,
         in_chans: int = 3,
         embed_dim: int = 1024,
@@ -177,14 +178,15 @@ class ViTEncoder(Encoder):
             raise ValueError(
                 f"ViTEncoder: out_indices must be 4 increasing block counts in [1, {depth}], got {out_indices}"
             )
-        if img_size % patch_size:
-            raise ValueError(f"ViTEncoder: img_size={img_size} is not a multiple of patch_size={patch_size}")
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if len(size) != 2 or size[0] % patch_size or size[1] % patch_size:
+            raise ValueError(f"ViTEncoder: img_size={img_size} is not (a pair of) multiples of patch_size={patch_size}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"ViTEncoder: drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.in_chans = in_chans
         self.patch_size = patch_size
         self.out_indices = out_indices
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.grid_size = (size[0] // patch_size, size[1] // patch_size)
         self.num_prefix_tokens = 1 if class_token else 0
         self.feature_info = [FeatureInfo(embed_dim, patch_size) for _ in range(4)]
         self.patch_embed = _PatchProj(in_chans, embed_dim, patch_size, device=device, dtype=dtype)
