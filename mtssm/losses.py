@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtssm.tasks import IGNORE_INDEX, TASKS
+
 __all__ = [
     "TASK_LOSSES",
     "BalancedBCELoss",
@@ -58,7 +60,7 @@ def _mean_over(loss_sum: Tensor, n_valid: Tensor) -> Tensor:
 class SegmentationCELoss(nn.Module):
     """Cross-entropy of logits (B, K, H, W) against class ids (B, H, W), mean over non-ignored pixels."""
 
-    def __init__(self, ignore_index: int = 255) -> None:
+    def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         self.ignore_index = ignore_index
 
@@ -79,7 +81,7 @@ class BalancedCELoss(nn.Module):
     the weighted sum is divided by the number of valid pixels.
     """
 
-    def __init__(self, ignore_index: int = 255) -> None:
+    def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         self.ignore_index = ignore_index
 
@@ -104,7 +106,7 @@ class BalancedBCELoss(nn.Module):
     averaged over valid pixels.
     """
 
-    def __init__(self, pos_weight: float = 0.95, ignore_index: int = 255) -> None:
+    def __init__(self, pos_weight: float = 0.95, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         if not 0 < pos_weight < 1:
             raise ValueError(f"pos_weight: expected a value in (0, 1), got {pos_weight}")
@@ -223,7 +225,7 @@ def build_task_losses(
     weights: Mapping[str, float] | None = None,
     *,
     edge_pos_weight: float = 0.95,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     scheme: str = "sum",
 ) -> MultiTaskLoss:
     """The losses of ``tasks`` (per-task modules in ``.losses``), weighted by ``weights``.
@@ -239,7 +241,7 @@ def build_task_losses(
     for task in tasks:
         if task not in TASK_LOSSES:
             raise ValueError(f"tasks: unknown task {task!r}; known: {sorted(TASK_LOSSES)}")
-        if task in ("semseg", "human_parts"):
+        if TASKS[task].kind == "segmentation":
             losses[task] = SegmentationCELoss(ignore_index)
         elif task == "sal":
             losses[task] = BalancedCELoss(ignore_index)

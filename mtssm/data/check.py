@@ -10,8 +10,8 @@ from mtssm.data.io import DataFileError
 
 __all__ = ["DATASETS", "check_dataset"]
 
-#: Dataset classes by layout name.
-DATASETS: dict[str, type[DenseDataset]] = {"nyud": NYUDv2, "pascal": PASCALContext, "cityscapes": Cityscapes}
+#: Dataset classes by layout name (their ``name``, a dataset of the task table :mod:`mtssm.tasks`).
+DATASETS: dict[str, type[DenseDataset]] = {cls.name: cls for cls in (NYUDv2, PASCALContext, Cityscapes)}
 
 
 def check_dataset(root: str | os.PathLike, layout: str) -> list[str]:

@@ -1,41 +1,25 @@
-"""Task lists, class counts, class names and ignore values shared by every dataset."""
+"""Constants of the data layouts: normalisation, padding, crops and the datasets' label codings.
+
+Tasks, class counts, class names and the label value of unlabelled pixels come from the task table
+:mod:`mtssm.tasks`; the names below re-export them for :mod:`mtssm.data`'s users.
+"""
 
 from __future__ import annotations
 
 from typing import Final
 
+from mtssm.tasks import DATASET_TASKS, IGNORE_INDEX, NUM_CLASSES, TASKS, class_names
+
 #: Tasks each dataset provides, in the order the papers list them.
-TASKS_BY_DATASET: Final[dict[str, tuple[str, ...]]] = {
-    "nyud": ("semseg", "depth", "normals", "edge"),
-    "pascal": ("semseg", "human_parts", "sal", "normals", "edge"),
-    "cityscapes": ("semseg", "depth"),
-}
-
-#: Number of classes of each multi-class task, per dataset (``sal`` and ``edge`` are binary
-#: {0, 1} maps; ``depth`` and ``normals`` are regression targets).
-NUM_CLASSES: Final[dict[str, dict[str, int]]] = {
-    "nyud": {"semseg": 40},
-    "pascal": {"semseg": 21, "human_parts": 7},
-    "cityscapes": {"semseg": 19},
-}
-
-#: Label value that losses and metrics ignore (``semseg``, ``human_parts``, ``sal``, ``edge``).
-IGNORE_INDEX: Final[int] = 255
+TASKS_BY_DATASET: Final[dict[str, tuple[str, ...]]] = DATASET_TASKS
 
 #: ImageNet statistics used to normalise images (RGB, on [0, 1] values).
 IMAGENET_MEAN: Final[tuple[float, float, float]] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Final[tuple[float, float, float]] = (0.229, 0.224, 0.225)
 
-#: Padding value of every key: labels 255 (ignored), depth and normals 0 (invalid), image 0.
-PAD_VALUES: Final[dict[str, float]] = {
-    "image": 0.0,
-    "semseg": IGNORE_INDEX,
-    "human_parts": IGNORE_INDEX,
-    "sal": IGNORE_INDEX,
-    "edge": IGNORE_INDEX,
-    "depth": 0.0,
-    "normals": 0.0,
-}
+#: Padding value of every key: each task's "no label" value (labels 255, depth and normals 0),
+#: image 0.
+PAD_VALUES: Final[dict[str, float]] = {"image": 0.0, **{t: spec.no_label for t, spec in TASKS.items()}}
 
 #: Train crop size (H, W) of each dataset, as in the papers.
 TRAIN_CROP_SIZE: Final[dict[str, tuple[int, int]]] = {
@@ -44,21 +28,10 @@ TRAIN_CROP_SIZE: Final[dict[str, tuple[int, int]]] = {
     "cityscapes": (512, 1024),
 }
 
-#: NYUDv2 40-class names; stored label v in 1..40 is class v - 1 (0 = unlabelled).
-NYUD_CLASSES: Final[tuple[str, ...]] = (
-    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
-    "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
-    "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
-    "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
-    "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop",
-)  # fmt: skip
-
-#: PASCAL VOC 21 classes (background first) used by PASCAL-Context semantic segmentation.
-PASCAL_CLASSES: Final[tuple[str, ...]] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)  # fmt: skip
+#: Class names of ``semseg`` on each dataset (index = class id).
+NYUD_CLASSES: Final[tuple[str, ...]] = class_names("semseg", "nyud")
+PASCAL_CLASSES: Final[tuple[str, ...]] = class_names("semseg", "pascal")
+CITYSCAPES_CLASSES: Final[tuple[str, ...]] = class_names("semseg", "cityscapes")
 
 #: PASCAL-Part person part names -> the 6 parts used for ``human_parts`` (0 = background):
 #: 1 head, 2 torso, 3 upper arms, 4 lower arms, 5 upper legs, 6 lower legs.
@@ -87,13 +60,6 @@ PASCAL_NORMALS_VALID_CLASSES: Final[tuple[int, ...]] = (
 
 #: VOC class index of ``person`` in PASCAL-Part ``anno.objects.class_ind``.
 PASCAL_PERSON_CLASS: Final[int] = 15
-
-#: Cityscapes 19 train classes.
-CITYSCAPES_CLASSES: Final[tuple[str, ...]] = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-    "motorcycle", "bicycle",
-)  # fmt: skip
 
 #: Cityscapes ``labelIds`` (0..33, -1 = license plate) -> train id (0..18, 255 = ignored).
 CITYSCAPES_LABEL_TO_TRAIN: Final[dict[int, int]] = {

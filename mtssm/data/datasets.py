@@ -77,7 +77,6 @@ from mtssm.data.constants import (
     PASCAL_PERSON_CLASS,
     PASCAL_PERSON_PARTS,
     RENDER_MARKER,
-    TASKS_BY_DATASET,
 )
 from mtssm.data.io import (
     DataFileError,
@@ -90,6 +89,7 @@ from mtssm.data.io import (
     read_npy,
 )
 from mtssm.metrics.boundary import thin
+from mtssm.tasks import dataset_tasks
 
 __all__ = [
     "DenseDataset",
@@ -192,7 +192,7 @@ def ignore_empty_parts(parts: np.ndarray) -> np.ndarray:
 class DenseDataset(torch.utils.data.Dataset):
     """Shared logic: argument checks, split ids, error policy, transforms.
 
-    Subclasses set ``name`` (a key of ``TASKS_BY_DATASET``) and implement ``_ids`` and the
+    Subclasses set ``name`` (a dataset of the task table :mod:`mtssm.tasks`) and implement ``_ids`` and the
     per-task readers ``_read_<task>(sample_id, size)``. ``normals_rule``, ``edge_rule`` and
     ``depth_target`` choose the departures described in the module docstring (each read only by
     the datasets it concerns); ``rendered`` says whether the root holds rendered scenes (it has
@@ -218,7 +218,7 @@ class DenseDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{type(self).__name__} root folder not found: {self.root}")
         if split not in self.splits:
             raise ValueError(f"split must be one of {self.splits}, got {split!r}")
-        available = TASKS_BY_DATASET[self.name]
+        available = dataset_tasks(self.name)
         tasks = tuple(available if tasks is None else tasks)
         unknown = [t for t in tasks if t not in available]
         if unknown:
@@ -287,12 +287,30 @@ class DenseDataset(torch.utils.data.Dataset):
         sample["meta"] = {"id": sample_id, "size": (int(size[0]), int(size[1]))}
         return None if errors else sample
 
-    def __getitem__(self, index: int | tuple[int, int]) -> Sample | None:
-        if isinstance(index, tuple):
-            index, seed = index
-            rng = np.random.default_rng(seed)
-        else:
-            rng = np.random.default_rng()
+    @property
+    def supports_compact(self) -> bool:
+        """Whether :meth:`sample` can give compact samples: ``transforms`` offer a compact variant
+        (``with_compact_output()``, as the pipelines of :func:`mtssm.data.build_dataset` do)."""
+        return self._compact_transforms() is not None
+
+    def _compact_transforms(self) -> Transform | None:
+        variant = getattr(self.transforms, "with_compact_output", None)
+        return None if variant is None else variant()
+
+    def sample(self, index: int, seed: int | None = None, *, compact: bool = False) -> Sample | None:
+        """Sample ``index`` through ``transforms``, augmented with ``np.random.default_rng(seed)``
+        (fresh entropy when ``seed`` is None).
+
+        ``compact=True`` ends with ``ToTensor(compact=True)`` instead of ``ToTensor()``: small
+        dtypes for a cheap trip between processes, turned into the usual batch by
+        :func:`mtssm.data.loader.finalize_batch` (needs :attr:`supports_compact`). Returns None
+        for a sample skipped under ``on_error="skip"``.
+        """
+        transforms = self.transforms
+        if compact:
+            transforms = self._compact_transforms()
+            if transforms is None:
+                raise ValueError(f"{type(self).__name__}: compact samples need transforms ending with ToTensor()")
         if not 0 <= index < len(self.ids):
             raise IndexError(f"index {index} out of range for {len(self.ids)} samples")
         try:
@@ -303,7 +321,13 @@ class DenseDataset(torch.utils.data.Dataset):
             self.skipped += 1
             warnings.warn(f"skipping sample {self.ids[index]!r}: {exc}", stacklevel=2)
             return None
-        return sample if self.transforms is None else self.transforms(sample, rng)
+        return sample if transforms is None else transforms(sample, np.random.default_rng(seed))
+
+    def __getitem__(self, index: int | tuple[int, int]) -> Sample | None:
+        """``dataset[i]`` or ``dataset[(i, seed)]``: :meth:`sample` ``i`` (seeded with ``seed``)."""
+        if isinstance(index, tuple):
+            return self.sample(*index)
+        return self.sample(index)
 
     def __repr__(self) -> str:
         return (

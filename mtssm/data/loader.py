@@ -13,7 +13,6 @@ them into the float / int64 batch contract in the main process as they are hande
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -26,10 +25,11 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mtssm.data.constants import PAD_VALUES
 from mtssm.data.datasets import decode_normals
+from mtssm.data.io import DataFileError
 from mtssm.data.transforms import Compose, ToTensor, normalize_image
 from mtssm.runtime import keep_freed_memory
 
-__all__ = ["SeededSampler", "collate", "finalize_batch", "make_dataloader"]
+__all__ = ["CompactSamples", "SeededSampler", "collate", "finalize_batch", "make_dataloader"]
 
 _LABEL_KEYS = ("semseg", "human_parts", "sal")
 _ENCODED_NORMAL_PAD = 128  # an invalid flag in every channel of the normal codes, see mtssm.data.datasets
@@ -107,6 +107,9 @@ def collate(samples: Sequence[dict[str, Any] | None]) -> TensorDict:
     255, depth and normals 0, normal codes 128 whose flag is invalid; a compact uint8 image is
     padded with level 0; labels may be larger than the image, see ResizeImage); ``meta`` is
     a non-tensor stack of ``{"id", "size"}`` dicts whose ``size`` (H, W) says where to crop back."""
+    for s in samples:
+        if isinstance(s, _FileError):  # raised again by the loader in the main process
+            return s  # type: ignore[return-value]
     kept = [s for s in samples if s is not None]
     if not kept:
         return TensorDict({}, batch_size=[0])
@@ -176,7 +179,10 @@ class _FinalizingIterator(Iterator[TensorDict]):
         self._it, self._pin_memory, self._normalization = it, pin_memory, normalization
 
     def __next__(self) -> TensorDict:
-        return finalize_batch(next(self._it), self._pin_memory, self._normalization)
+        batch = next(self._it)
+        if isinstance(batch, _FileError):
+            raise batch.error()
+        return finalize_batch(batch, self._pin_memory, self._normalization)
 
     def __len__(self) -> int:
         return len(self._it)  # type: ignore[arg-type]
@@ -188,7 +194,9 @@ class _Loader(StatefulDataLoader):
 
     def __init__(self, *args: Any, finalize_pin_memory: bool | None = None, normalization: Any = None,
                  **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        with warnings.catch_warnings():  # torchdata's __init__ calls the deprecated torch.set_vital
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            super().__init__(*args, **kwargs)
         self._finalize_pin_memory = finalize_pin_memory
         self._normalization = normalization
 
@@ -199,20 +207,43 @@ class _Loader(StatefulDataLoader):
         return _FinalizingIterator(it, self._finalize_pin_memory, self._normalization)
 
 
-def _compact_view(dataset: Dataset) -> Dataset | None:
-    """A shallow copy of ``dataset`` whose final :class:`ToTensor` is compact, or None when its
-    transforms do not end with a non-compact ``ToTensor``."""
+class _FileError:
+    """A :class:`DataFileError` raised while reading a sample, carried (in a worker process, as the
+    batch) to the main process, where the loader raises it again: the same one line whatever
+    ``num_workers``, instead of the worker's traceback."""
+
+    def __init__(self, exc: DataFileError) -> None:
+        self.path, self.problem = exc.path, exc.problem
+
+    def error(self) -> DataFileError:
+        return DataFileError(self.path, self.problem)
+
+
+class CompactSamples(Dataset):
+    """The compact samples of ``dataset`` (``dataset.sample(index, seed, compact=True)``, see
+    :meth:`mtssm.data.datasets.DenseDataset.sample`), indexed by the sampler's ``(index, seed)``.
+    A file error becomes a value that :func:`collate` passes on and the loader raises."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any] | _FileError | None:
+        index, seed = key
+        try:
+            return self.dataset.sample(index, seed, compact=True)  # type: ignore[attr-defined]
+        except DataFileError as exc:
+            return _FileError(exc)
+
+
+def _normalization_of(dataset: Dataset) -> Any:
+    """The ``(mean, std)`` of the final :class:`ToTensor` of ``dataset.transforms`` (None: ImageNet's),
+    which :func:`finalize_batch` applies to compact batches."""
     transforms = getattr(dataset, "transforms", None)
-    if isinstance(transforms, ToTensor):
-        transforms = Compose([transforms])
-    if not isinstance(transforms, Compose) or not transforms.transforms:
-        return None
-    last = transforms.transforms[-1]
-    if type(last) is not ToTensor or last.compact:  # a subclass may convert differently: keep it
-        return None
-    view = copy.copy(dataset)
-    view.transforms = Compose(transforms.transforms[:-1] + [ToTensor(compact=True, normalization=last.normalization)])
-    return view
+    last = transforms.transforms[-1] if isinstance(transforms, Compose) and transforms.transforms else transforms
+    return last.normalization if isinstance(last, ToTensor) else None
 
 
 def _worker_init(worker_id: int) -> None:
@@ -243,27 +274,26 @@ def make_dataloader(
     replayed from its start by the next ``iter()``. Workers are persistent across epochs.
     ``pin_memory`` defaults to whether CUDA is available.
 
-    When ``dataset.transforms`` ends with :class:`~mtssm.data.transforms.ToTensor` (as with
-    :func:`mtssm.data.build_dataset`), the loader reads a shallow copy of ``dataset`` (its
-    ``dataset`` attribute) whose ``ToTensor`` is compact, and converts each batch with
-    :func:`finalize_batch` before handing it out: the workers ship a third of the bytes and
-    the batches are the same, except that eval batches mixing image sizes pad the image with
-    level 0 (normalised, as :class:`~mtssm.data.transforms.PadTo` and the train crop pad it)
-    rather than with 0.0.
+    When ``dataset.supports_compact`` (the datasets of :func:`mtssm.data.build_dataset`), the
+    loader asks it for compact samples (:class:`CompactSamples`, its ``dataset`` attribute) and
+    converts each batch with :func:`finalize_batch` before handing it out: the workers ship a
+    third of the bytes and the batches are the same, except that eval batches mixing image sizes
+    pad the image with level 0 (normalised, as :class:`~mtssm.data.transforms.PadTo` and the
+    train crop pad it) rather than with 0.0.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    compact = _compact_view(dataset)
+    compact = CompactSamples(dataset) if getattr(dataset, "supports_compact", False) else None
     if compact is not None and pin and not torch.cuda.is_available():
         warnings.warn("pin_memory=True but CUDA is not available: batches are not pinned", stacklevel=2)
         pin = False
     return _Loader(
         dataset if compact is None else compact,
         finalize_pin_memory=None if compact is None else pin,
-        normalization=None if compact is None else compact.transforms.transforms[-1].normalization,
+        normalization=None if compact is None else _normalization_of(dataset),
         worker_init_fn=_worker_init,
         batch_size=batch_size,
         sampler=SeededSampler(len(dataset), shuffle=train, seed=seed),

@@ -5,7 +5,7 @@ augmentations, or resized without augmentation), what the depth target is and wh
 and the boundary matching radius.
 :func:`mtssm.data.build_dataset` and :func:`mtssm.metrics.build_evaluator` read it; ``mtssm eval``
 prints :meth:`Protocol.describe`. Task lists, class counts and ignore values live in
-:mod:`mtssm.data.constants`.
+the task table :mod:`mtssm.tasks`.
 
 Sources (the official repositories):
 

@@ -156,6 +156,13 @@ class Compose:
             sample = t(sample, rng)
         return sample
 
+    def with_compact_output(self) -> Compose | None:
+        """These transforms with the final :class:`ToTensor` compact (the same draws, small
+        dtypes), or None when they do not end with a plain ``ToTensor``."""
+        if not self.transforms or type(self.transforms[-1]) is not ToTensor:  # a subclass may convert differently
+            return None
+        return Compose([*self.transforms[:-1], ToTensor(compact=True, normalization=self.transforms[-1].normalization)])
+
     def __repr__(self) -> str:
         return f"Compose({self.transforms})"
 
@@ -455,6 +462,10 @@ class ToTensor:
                 out["normals"] = _tensor(n.transpose(2, 0, 1).astype(np.float32, copy=False))
         out["meta"] = sample["meta"]
         return out
+
+    def with_compact_output(self) -> ToTensor | None:
+        """``ToTensor(compact=True)`` (None for a subclass, which may convert differently)."""
+        return ToTensor(compact=True, normalization=self.normalization) if type(self) is ToTensor else None
 
     def __repr__(self) -> str:
         return f"ToTensor(compact={self.compact})"

@@ -13,7 +13,8 @@ Layout of a run directory::
 A checkpoint is written into a hidden temporary folder, flushed to disk, and renamed into place;
 only then is ``latest`` replaced (again temp file + :func:`os.replace`). A process killed at any
 moment leaves ``latest`` naming a complete checkpoint; unfinished temporary folders are ignored
-and removed by the next save.
+and removed by the next save, which removes only its own process's and those of processes that
+no longer run (a run folder has one writer: see :mod:`mtssm.engine.lock`).
 
 What the write protocol cannot prevent (a disk that later flips or loses bytes, a copy cut short,
 a file edited by hand) the checksum catches: the weights file's metadata holds ``mtssm_checksum``,
@@ -230,12 +231,27 @@ def _prune(root: Path, keep: int, current: str) -> None:
     for old in steps[: max(0, len(steps) - keep)]:
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.iterdir():  # temporary folders and files of killed writers
-        if stale.name.startswith(".") and (".tmp-" in stale.name or ".old-" in stale.name):
+    for stale in root.iterdir():  # temporary folders and files of this process and of killed writers
+        if stale.name.startswith(".") and (".tmp-" in stale.name or ".old-" in stale.name) and not _live_other(stale):
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
+
+
+def _live_other(path: Path) -> bool:
+    """Whether the temporary ``path`` (named ``....tmp-PID`` or ``....old-PID``) belongs to another
+    process that is still alive: its writes must be left alone."""
+    pid = path.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

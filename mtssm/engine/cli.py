@@ -15,12 +15,29 @@ Every expected failure (unknown recipe, key or value; missing dataset; NaN loss)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+import torch
+import yaml
+
+from mtssm.engine.build import build_components, build_eval_set, load_recipe, model_normalization, resolve_data_root
+from mtssm.engine.checkpoint import resolve_checkpoint
+from mtssm.engine.config import RecipeConfig, check_encoder_weights, config_to_dict, load_recipe_file
+from mtssm.engine.distributed import barrier, cleanup, init_distributed
+from mtssm.engine.evaluate import evaluate_recipe, format_table, write_result
+from mtssm.engine.export import export_model
+from mtssm.engine.predict import output_stems, predict_dataset, predict_images
+from mtssm.engine.lock import RunFolderBusyError, lock_run_folder
+from mtssm.engine.resolve import resolve_model
+from mtssm.engine.trainer import NonFiniteError, train
+from mtssm.nn import create_model, list_models
+from mtssm.recipes import list_recipes
+from mtssm.runtime import keep_freed_memory
 
 __all__ = ["evaluate", "export", "models", "predict", "recipe"]
 
@@ -30,21 +47,12 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from mtssm.engine.trainer import NonFiniteLossError
-
         try:
             return fn(*args, **kwargs)
-        except (ValueError, TypeError, FileNotFoundError, FileExistsError, NonFiniteLossError) as exc:
+        except (ValueError, TypeError, FileNotFoundError, FileExistsError, NonFiniteError, RunFolderBusyError) as exc:
             raise click.ClickException(" ".join(str(exc).split())) from None
 
     return wrapper
-
-
-def _load(name: str, overrides: tuple[str, ...]) -> Any:
-    from mtssm.engine.config import load_recipe_file
-    from mtssm.recipes import find_recipe
-
-    return load_recipe_file(find_recipe(name), overrides)
 
 
 _PathOption = click.Path(path_type=Path)
@@ -70,8 +78,6 @@ def _recipe_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _resolve(ckpt: Path | None, recipe: str | None, weights: Path | None, encoder_weights: Path | None,
              overrides: tuple[str, ...], device: str = "cpu", before_load: Callable[[Any], None] | None = None) -> Any:
-    from mtssm.engine.resolve import resolve_model
-
     return resolve_model(ckpt, recipe=recipe, weights=weights, encoder_weights=encoder_weights,
                          overrides=overrides, device=device, echo=click.echo, before_load=before_load)
 
@@ -85,9 +91,6 @@ def recipe() -> None:
 @_one_line_errors
 def recipe_list() -> None:
     """List the packaged recipes."""
-    from mtssm.engine.config import load_recipe_file
-    from mtssm.recipes import list_recipes
-
     rows = []
     for name, path in list_recipes().items():
         cfg = load_recipe_file(path)
@@ -103,11 +106,7 @@ def recipe_list() -> None:
 @_one_line_errors
 def recipe_show(name: str, overrides: tuple[str, ...]) -> None:
     """Print the resolved config of recipe NAME (a name or a YAML file)."""
-    import yaml
-
-    from mtssm.engine.config import config_to_dict
-
-    click.echo(yaml.safe_dump(config_to_dict(_load(name, overrides)), sort_keys=False).rstrip())
+    click.echo(yaml.safe_dump(config_to_dict(load_recipe(name, overrides)), sort_keys=False).rstrip())
 
 
 @recipe.command("run")
@@ -127,13 +126,7 @@ def recipe_run(name: str, data_root: Path | None, data: str | None, overrides: t
 
     A paper recipe starts from its paper's pretrained encoder: pass it with --encoder-weights FILE
     (or --set model.encoder_weights=none to train from scratch)."""
-    from mtssm.engine.build import build_eval_set, model_normalization, resolve_data_root
-    from mtssm.engine.config import check_encoder_weights
-    from mtssm.engine.distributed import barrier, cleanup, init_distributed
-    from mtssm.engine.trainer import train
-    from mtssm.runtime import keep_freed_memory
-
-    cfg = _load(name, overrides)
+    cfg = load_recipe(name, overrides)
     if weights is not None:
         cfg.model.weights = str(weights)
     if encoder_weights is not None:
@@ -149,29 +142,19 @@ def recipe_run(name: str, data_root: Path | None, data: str | None, overrides: t
         if not info.is_main:
             root = resolve_data_root(cfg, data_root, data, echo=lambda _: None)
         cfg.data.root = str(Path(root).resolve())  # checkpoints remember where the data was
-        result = train(cfg, out, resume=resume, data_root=root, echo=click.echo)
-        if info.is_main:
-            eval_set = result.components.eval_set or build_eval_set(cfg, root, model_normalization(result.model))
-            _final_eval(cfg, result.model, eval_set, out)
+        with lock_run_folder(out) if info.is_main else contextlib.nullcontext():  # training and evaluation
+            echo = click.echo if info.is_main else (lambda _: None)
+            result = train(build_components(cfg, root, echo=echo), out, resume=resume, echo=click.echo)
+            if info.is_main:
+                eval_set = result.components.eval_set or build_eval_set(cfg, root, model_normalization(result.model))
+                _final_eval(cfg, result.model, eval_set, out)
         barrier()
     finally:
         cleanup()
 
 
-def _final_eval(cfg: Any, model: Any, eval_set: Any, out: Path) -> None:
-    import torch
-
-    from mtssm.engine.evaluate import evaluate as run_eval
-    from mtssm.engine.evaluate import format_table, write_result
-    from mtssm.engine.predict import predict_dataset
-
-    device = next(model.parameters()).device
-    result = run_eval(
-        model, eval_set, tasks=list(model.tasks) if hasattr(model, "tasks") else cfg.data.tasks,
-        dataset_name=cfg.data.dataset, batch_size=cfg.data.eval_batch_size, device=device,
-        precision=cfg.train.precision, max_batches=cfg.eval.max_batches, baselines=cfg.eval.baselines,
-        edge_thresholds=cfg.eval.edge_thresholds,
-    )
+def _final_eval(cfg: RecipeConfig, model: torch.nn.Module, eval_set: Any, out: Path) -> None:
+    result = evaluate_recipe(cfg, model, eval_set)
     click.echo(format_table(result))
     write_result(result, out)
     if cfg.eval.predict_samples:
@@ -194,26 +177,13 @@ def evaluate(ckpt: Path | None, data_root: Path | None, data: str | None, out: P
              encoder_weights: Path | None) -> None:
     """Evaluate checkpoint CKPT (or --recipe NAME --weights FILE): print and write the metric table
     with Δm."""
-    from mtssm.engine.build import build_eval_set, model_normalization, resolve_data_root
-    from mtssm.engine.checkpoint import resolve_checkpoint
-    from mtssm.engine.evaluate import evaluate as run_eval
-    from mtssm.engine.evaluate import format_table, write_result
-    from mtssm.runtime import keep_freed_memory
-
-    import torch
-
     keep_freed_memory()  # as in training: every batch reuses the same large buffers
     device = "cuda" if torch.cuda.is_available() else "cpu"
     roots: list[Path] = []
     model, cfg, step = _resolve(ckpt, recipe, weights, encoder_weights, overrides, device,
                                 before_load=lambda c: roots.append(resolve_data_root(c, data_root, data, click.echo)))
-    root = roots[0]
-    result = run_eval(
-        model, build_eval_set(cfg, root, model_normalization(model)), tasks=list(model.tasks),
-        dataset_name=cfg.data.dataset, batch_size=cfg.data.eval_batch_size, device=device,
-        precision=cfg.train.precision, max_batches=cfg.eval.max_batches if max_batches is None else max_batches,
-        baselines=cfg.eval.baselines, edge_thresholds=cfg.eval.edge_thresholds,
-    )
+    eval_set = build_eval_set(cfg, roots[0], model_normalization(model))
+    result = evaluate_recipe(cfg, model, eval_set, device=device, max_batches=max_batches)
     click.echo(f"{cfg.name} at step {step}:")
     click.echo(format_table(result))
     if out is None:
@@ -231,8 +201,6 @@ def predict(paths: tuple[Path, ...], out: Path, recipe: str | None, overrides: t
             weights: Path | None, encoder_weights: Path | None) -> None:
     """Write one PNG per task per IMAGE, and a side-by-side sheet, into --out. The model comes from
     checkpoint CKPT, or from --recipe NAME --weights FILE (then every path is an image)."""
-    from mtssm.engine.predict import output_stems, predict_images
-
     ckpt, images = (None, paths) if weights is not None else (paths[0], paths[1:])
     if not images:
         raise ValueError("no IMAGE given: mtssm predict CKPT IMAGE... --out DIR")
@@ -256,8 +224,6 @@ def export(ckpt: Path | None, out: Path, size: str | None, recipe: str | None, o
            weights: Path | None, encoder_weights: Path | None) -> None:
     """Export checkpoint CKPT (or --recipe NAME --weights FILE) with torch.export (load with
     torch.export.load after import mtssm); the input statistics travel with the program."""
-    from mtssm.engine.export import export_model
-
     hw = None
     if size is not None:
         try:
@@ -275,10 +241,6 @@ def export(ckpt: Path | None, out: Path, size: str | None, recipe: str | None, o
 @_one_line_errors
 def models(pattern: str | None) -> None:
     """List the registered models with their parameter counts (counted on the meta device)."""
-    import torch
-
-    from mtssm.nn import create_model, list_models
-
     names = list_models(pattern)
     width = max((len(n) for n in names), default=0)
     for name in names:

@@ -12,6 +12,8 @@ Batch sizes are *global*: ``data.batch_size`` images make one optimizer step, sp
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mtssm.nn.pretrained import paper_weights
+from mtssm.tasks import DATASETS, dataset_tasks
 
 __all__ = [
     "ConfigError",
@@ -42,9 +47,6 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A recipe that does not match the schema: unknown key, wrong type or invalid value."""
-
-
-DATASETS = ("nyud", "pascal", "cityscapes")
 
 
 @dataclass
@@ -171,12 +173,16 @@ class RecipeConfig:
 
 # Allowed values of the string fields that name one of a fixed set of things.
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": DATASETS,
+    "data.dataset": tuple(DATASETS),
     "optim.name": ("adam", "adamw", "sgd"),
     "schedule.name": ("poly", "constant"),
     "loss.scheme": ("sum", "log"),
     "train.precision": ("fp32", "bf16"),
 }
+
+
+#: The values ``train.device`` accepts.
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,10 +202,24 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else tp.__name__
 
 
+def _check_finite(value: Any, key: str) -> Any:
+    """``value`` itself, after checking that no float in it (nested lists and dicts too) is NaN/inf."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}")
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp`` and return it (ints widen to float)."""
+    """Check ``value`` against annotation ``tp`` and return it (ints widen to float; NaN and
+    infinities are refused)."""
     if tp is Any:
-        return value
+        return _check_finite(value, key)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -227,13 +247,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            return _check_finite(number, key)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -268,9 +291,7 @@ def _check_values(cfg: RecipeConfig) -> None:
         if value not in choices:
             raise ConfigError(f"{key}: unknown value {value!r}; valid values: {', '.join(choices)}")
     d, t, o, s = cfg.data, cfg.train, cfg.optim, cfg.schedule
-    from mtssm.data.constants import TASKS_BY_DATASET
-
-    known = TASKS_BY_DATASET[d.dataset]
+    known = dataset_tasks(d.dataset)
     for task in d.tasks or ():
         if task not in known:
             raise ConfigError(
@@ -308,6 +329,8 @@ def _check_values(cfg: RecipeConfig) -> None:
         "train.threads": t.threads,
         "optim.weight_decay": o.weight_decay,
         "schedule.warmup_steps": s.warmup_steps,
+        "schedule.power": s.power,
+        "train.seed": t.seed,
         "eval.max_batches": cfg.eval.max_batches,
         "eval.edge_thresholds": cfg.eval.edge_thresholds - 1,
         "eval.predict_samples": cfg.eval.predict_samples,
@@ -323,8 +346,21 @@ def _check_values(cfg: RecipeConfig) -> None:
             raise ConfigError(f"model.{key}: expected a file path or none, got an empty string")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr: expected a positive learning rate, got {o.lr}")
-    if len(o.betas) != 2:
-        raise ConfigError(f"optim.betas: expected two values, got {o.betas!r}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas: expected two values in [0, 1), got {o.betas!r}")
+    unit = {
+        "optim.momentum": o.momentum,
+        "schedule.warmup_start": s.warmup_start,
+        "loss.edge_pos_weight": cfg.loss.edge_pos_weight,
+    }
+    for key, value in unit.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: expected a value in [0, 1], got {value}")
+    for task, weight in cfg.loss.weights.items():
+        if weight < 0:
+            raise ConfigError(f"loss.weights.{task}: expected a weight >= 0, got {weight}")
+    if not _DEVICE.fullmatch(t.device):
+        raise ConfigError(f"train.device: unknown device {t.device!r}; valid values: auto, cpu, cuda, cuda:N, mps")
     if d.batch_size % t.grad_accum:
         raise ConfigError(
             f"data.batch_size ({d.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})"
@@ -342,8 +378,6 @@ def check_encoder_weights(cfg: RecipeConfig) -> None:
     ``model.encoder_weights`` raises a one-line :class:`ConfigError` naming the file its paper used
     and how to pass it; ``model.encoder_weights: none`` trains from scratch on purpose.
     """
-    from mtssm.nn.pretrained import paper_weights
-
     paper = paper_weights(cfg.model.name)
     if paper is None or cfg.model.encoder_weights is not None or _given(cfg.model.weights):
         return

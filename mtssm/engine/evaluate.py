@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EvalResult", "evaluate", "format_table", "trivial_baselines", "write_result"]
+from mtssm.data import make_dataloader
+from mtssm.data.protocol import protocol
+from mtssm.engine.build import recipe_tasks
+from mtssm.engine.config import RecipeConfig
+from mtssm.metrics import HIGHER_IS_BETTER, METRIC_NAMES, build_evaluator
+
+__all__ = ["EvalResult", "evaluate", "evaluate_recipe", "format_table", "trivial_baselines", "write_result"]
 
 _BASELINE_NAMES = {
     "semseg": "majority class",
@@ -61,12 +67,6 @@ class EvalResult:
              "delta_m_note": self.delta_m_note, "protocol": self.protocol, "images": self.images},
             indent=2,
         )
-
-
-def _default_loader(dataset: Any, batch_size: int) -> Any:
-    from mtssm.data import make_dataloader
-
-    return make_dataloader(dataset, batch_size, train=False, num_workers=0, seed=0)
 
 
 def _batches(loader: Any, max_batches: int) -> Any:
@@ -149,18 +149,12 @@ def evaluate(
 
     ``max_batches`` 0 means every batch; ``baselines`` adds the trivial constant predictors.
     """
-    from mtssm.data.protocol import protocol
-    from mtssm.metrics import METRIC_NAMES, build_evaluator
-
     device = torch.device(device)
 
     def new_evaluator() -> Any:
         return build_evaluator(list(tasks), dataset_name, edge_thresholds=edge_thresholds)
 
-    if make_loader is None:
-        loader = _default_loader(dataset, batch_size)
-    else:
-        loader = make_loader(dataset, batch_size, train=False, num_workers=0, seed=0)
+    loader = (make_loader or make_dataloader)(dataset, batch_size, train=False, num_workers=0, seed=0)
     evaluator = new_evaluator()
     was_training = model.training
     model.eval()
@@ -225,10 +219,31 @@ def _delta_m(evaluator: Any, metrics: dict[str, dict[str, float]], dataset: Any,
     return dm, ""
 
 
+def evaluate_recipe(
+    cfg: RecipeConfig,
+    model: nn.Module,
+    dataset: Any,
+    *,
+    device: str | torch.device | None = None,
+    max_batches: int | None = None,
+    baselines: bool | None = None,
+    make_loader: Callable[..., Any] | None = None,
+) -> EvalResult:
+    """:func:`evaluate` with the settings of recipe ``cfg`` (tasks, dataset, eval batch size,
+    precision, ``eval.*``); ``max_batches`` and ``baselines`` override the recipe's when given.
+    ``device`` defaults to the model's."""
+    tasks = list(getattr(model, "tasks", None) or recipe_tasks(cfg))
+    return evaluate(
+        model, dataset, tasks=tasks, dataset_name=cfg.data.dataset, batch_size=cfg.data.eval_batch_size,
+        device=next(model.parameters()).device if device is None else device, precision=cfg.train.precision,
+        max_batches=cfg.eval.max_batches if max_batches is None else max_batches,
+        baselines=cfg.eval.baselines if baselines is None else baselines,
+        edge_thresholds=cfg.eval.edge_thresholds, make_loader=make_loader,
+    )
+
+
 def format_table(result: EvalResult) -> str:
     """A plain-text table: task, metric, value, trivial baseline, and whether the model beats it."""
-    from mtssm.metrics import HIGHER_IS_BETTER
-
     rows = [("task", "metric", "value", "trivial baseline", "")]
     for task, metrics in result.metrics.items():
         for name, value in metrics.items():

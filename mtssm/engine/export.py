@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtssm.engine.predict import load_model_from_checkpoint
+
 __all__ = ["NORMALIZATION_FILE", "default_export_size", "export_checkpoint", "export_model"]
 
 #: The extra file of an exported program holding the model's input statistics.
@@ -46,8 +48,6 @@ def export_checkpoint(
 
     ``size`` defaults to :func:`default_export_size` of the checkpoint's recipe.
     """
-    from mtssm.engine.predict import load_model_from_checkpoint
-
     model, cfg, _ = load_model_from_checkpoint(ckpt)
     return export_model(model, cfg, out, size=size, batch=batch)
 

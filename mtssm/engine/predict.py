@@ -16,8 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor, nn
+
+from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from mtssm.engine.build import build_model
+from mtssm.engine.checkpoint import load_model_weights, read_checkpoint_config
+from mtssm.engine.config import config_from_dict
 
 __all__ = [
     "colorize",
@@ -133,10 +138,6 @@ def read_rgb(path: str | Path, background: Sequence[float] | None = None) -> np.
     rather than as black or white. The EXIF orientation
     is applied. Raises a one-line ``FileNotFoundError`` / ``ValueError`` naming the file.
     """
-    from PIL import ImageOps
-
-    from mtssm.data.constants import IMAGENET_MEAN
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
@@ -164,8 +165,6 @@ def read_rgb(path: str | Path, background: Sequence[float] | None = None) -> np.
 
 def _stats(normalization: tuple[Sequence[float], Sequence[float]] | None) -> tuple[Tensor, Tensor]:
     """``(mean, std)`` as ``(3, 1, 1)`` tensors; None gives the ImageNet statistics."""
-    from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD
-
     mean, std = normalization if normalization is not None else (IMAGENET_MEAN, IMAGENET_STD)
     return torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
@@ -239,10 +238,6 @@ def load_model_from_checkpoint(ckpt: str | Path, device: str | torch.device = "c
 
     Returns ``(model in eval mode, RecipeConfig, step)``.
     """
-    from mtssm.engine.build import build_model
-    from mtssm.engine.checkpoint import load_model_weights, read_checkpoint_config
-    from mtssm.engine.config import config_from_dict
-
     data, step = read_checkpoint_config(ckpt)
     cfg = config_from_dict(data)
     # built for real (non-persistent buffers are not in the checkpoint), without the recipe's

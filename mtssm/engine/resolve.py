@@ -17,6 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtssm.engine.build import build_model, load_recipe
+from mtssm.engine.checkpoint import read_checkpoint_config
+from mtssm.engine.config import config_from_dict
+from mtssm.engine.predict import load_model_from_checkpoint
+
 __all__ = ["resolve_model"]
 
 
@@ -47,10 +52,6 @@ def resolve_model(
             raise ValueError("nothing to load: give a checkpoint (CKPT), or --recipe NAME --weights FILE")
         if encoder_weights is not None or overrides:
             raise ValueError("--encoder-weights and --set apply to a model built from --recipe NAME")
-        from mtssm.engine.checkpoint import read_checkpoint_config
-        from mtssm.engine.config import config_from_dict
-        from mtssm.engine.predict import load_model_from_checkpoint
-
         try:
             cfg = config_from_dict(read_checkpoint_config(source)[0])
         except (ValueError, FileNotFoundError) as exc:
@@ -63,15 +64,12 @@ def resolve_model(
         if before_load is not None:
             before_load(cfg)
         model, cfg, step = load_model_from_checkpoint(source, device=device)
-        echo(f"weights: {source} (mtssm checkpoint, step {step}); input normalisation {_norm(model)}")
+        if checkpoint is None:  # given as --weights: say what it was (a plain CKPT says itself)
+            echo(f"weights: {source} (mtssm checkpoint, step {step}); input normalisation {_norm(model)}")
         return model, cfg, step
     if source is None:
         raise ValueError(f"--recipe {recipe} needs --weights FILE: the trained weights to run")
-    from mtssm.engine.build import build_model
-    from mtssm.engine.config import load_recipe_file
-    from mtssm.recipes import find_recipe
-
-    cfg = load_recipe_file(find_recipe(str(recipe)), tuple(overrides))
+    cfg = load_recipe(str(recipe), tuple(overrides))
     cfg.model.weights = str(source)
     if encoder_weights is not None:
         cfg.model.encoder_weights = str(encoder_weights)
@@ -90,8 +88,6 @@ def _norm(model: nn.Module) -> str:
 
 def _checkpoint_step(source: str | Path) -> int:
     """The step an mtssm checkpoint records, 0 for any other file."""
-    from mtssm.engine.checkpoint import read_checkpoint_config
-
     try:
         return read_checkpoint_config(source)[1]
     except Exception:  # not an mtssm checkpoint: an official file, a plain state dict

@@ -1,8 +1,14 @@
-"""Multi-task gain Δm (Maninis et al. 2019; Vandenhende et al. 2021) against single-task baselines."""
+"""Multi-task gain Δm (Maninis et al. 2019; Vandenhende et al. 2021) against single-task baselines.
+
+Each task's headline metric and its direction (``METRIC_NAMES``, ``HIGHER_IS_BETTER``) come from
+the task table :mod:`mtssm.tasks`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+from mtssm.tasks import HIGHER_IS_BETTER, METRIC_NAMES
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -11,25 +17,6 @@ __all__ = [
     "SINGLE_TASK_BASELINES",
     "delta_m",
 ]
-
-# The metric each task is reported and compared with, in the units the metric functions return.
-METRIC_NAMES: dict[str, str] = {
-    "semseg": "mIoU",
-    "human_parts": "mIoU",
-    "depth": "rmse",
-    "normals": "mErr",
-    "sal": "maxF",
-    "edge": "odsF",
-}
-
-HIGHER_IS_BETTER: dict[str, bool] = {
-    "semseg": True,
-    "human_parts": True,
-    "depth": False,
-    "normals": False,
-    "sal": True,
-    "edge": True,
-}
 
 # NYUDv2 single-task models (Swin-L encoder, two Swin blocks per decoder stage): MTMamba (ECCV 2024)
 # Table 2, "Single-task" row, also the "STL Model" row of MSM's tables.

@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtssm.data.constants import NUM_CLASSES
 from mtssm.data.protocol import PROTOCOLS
 from mtssm.metrics.boundary import Matcher, _matcher, edge_thresholds, ods_f
-from mtssm.metrics.delta import HIGHER_IS_BETTER, METRIC_NAMES, delta_m
+from mtssm.metrics.delta import SINGLE_TASK_BASELINES, delta_m
 from mtssm.metrics.functional import (
     SALIENCY_THRESHOLDS,
     confusion_matrix,
@@ -42,6 +41,7 @@ from mtssm.metrics.functional import (
     saliency_counts,
     saliency_maxf_from_counts,
 )
+from mtssm.tasks import HIGHER_IS_BETTER, IGNORE_INDEX, METRIC_NAMES, NUM_CLASSES, TASKS
 
 __all__ = [
     "DATASETS",
@@ -151,7 +151,7 @@ class SegmentationAccumulator(MetricAccumulator):
 
     metric = "mIoU"
 
-    def __init__(self, task: str, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, task: str, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes: expected >= 1 for task {task!r}, got {num_classes}")
         self.num_classes = num_classes
@@ -247,7 +247,7 @@ class SaliencyAccumulator(MetricAccumulator):
         task: str = "sal",
         beta2: float = 0.3,
         thresholds: Sequence[float] = SALIENCY_THRESHOLDS,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         protocol: Literal["dataset", "per_image"] = "dataset",
         squash: bool = True,
     ) -> None:
@@ -300,7 +300,7 @@ class EdgeAccumulator(MetricAccumulator):
         task: str = "edge",
         max_dist: float = 0.0075,
         thresholds: int | Sequence[float] = 99,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         apply_thinning: bool = True,
         matcher: Matcher = "auto",
     ) -> None:
@@ -411,7 +411,7 @@ def build_evaluator(
     edge_matcher: Matcher = "auto",
     saliency_protocol: Literal["dataset", "per_image"] = "dataset",
     saliency_squash: bool = True,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     single_task_baseline: Mapping[str, float] | None = None,
 ) -> MultiTaskEvaluator:
     """Accumulators for ``tasks`` with the settings of ``dataset``.
@@ -433,15 +433,14 @@ def build_evaluator(
         single_task_baseline: task -> single-task value for ``delta_m()``; by default the
             built-in baseline of the dataset where there is one (NYUDv2).
     """
-    from mtssm.metrics.delta import SINGLE_TASK_BASELINES
-
     key, classes, max_dist = _dataset_info(dataset)
     classes.update(num_classes or {})
     if edge_max_dist is not None:
         max_dist = edge_max_dist
     accumulators: dict[str, MetricAccumulator] = {}
     for task in tasks:
-        if task in ("semseg", "human_parts"):
+        kind = TASKS[task].kind if task in TASKS else None
+        if kind == "segmentation":
             if task not in classes:
                 raise ValueError(f"num_classes: no class count for task {task!r}; pass num_classes={{{task!r}: K}}")
             accumulators[task] = SegmentationAccumulator(task, classes[task], ignore_index)

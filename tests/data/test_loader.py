@@ -9,7 +9,7 @@ import torch
 from tensordict import TensorDict
 
 from mtssm.data import build_dataset, make_dataloader
-from mtssm.data.loader import collate, finalize_batch
+from mtssm.data.loader import CompactSamples, collate, finalize_batch
 from mtssm.data.transforms import ToTensor
 
 CROP = (32, 40)
@@ -133,8 +133,7 @@ def test_compact_batches_finalize_to_the_float_batches(
     assert isinstance(ds.transforms.transforms[-1], ToTensor)
     keys = [(i, 100 + i) for i in range(4)]
     floats = collate([ds[k] for k in keys])
-    ds.transforms.transforms[-1] = ToTensor(compact=True)
-    compact = collate([ds[k] for k in keys])
+    compact = collate([ds.sample(*k, compact=True) for k in keys])
     assert compact["image"].dtype == torch.uint8 and compact["normals"].dtype == torch.uint8
     got = finalize_batch(compact)
     assert set(got.keys()) == set(floats.keys())
@@ -162,18 +161,25 @@ def test_loader_batches_are_independent_of_later_batches(nyud_root: Path) -> Non
     assert len({b["image"].data_ptr() for b in held}) == len(held)
 
 
-def test_loader_reads_a_compact_copy_and_leaves_the_dataset_alone(nyud_root: Path) -> None:
+def test_loader_asks_the_dataset_for_compact_samples_and_leaves_it_alone(nyud_root: Path) -> None:
     ds = build_dataset("nyud", nyud_root, "train", train=True, crop_size=CROP)
+    before = list(ds.transforms.transforms)
     loader = make_dataloader(ds, 2, train=True, num_workers=0)
-    assert loader.dataset is not ds and loader.dataset.transforms.transforms[-1].compact
-    assert not ds.transforms.transforms[-1].compact  # the caller's dataset still gives floats
+    assert isinstance(loader.dataset, CompactSamples) and loader.dataset.dataset is ds
+    assert ds.transforms.transforms == before  # the caller's dataset is untouched and still gives floats
     assert ds[(0, 1)]["image"].dtype == torch.float32
+    compact = loader.dataset[(0, 1)]
+    assert compact["image"].dtype == torch.uint8
+    assert torch.equal(compact["image"], ds.sample(0, 1, compact=True)["image"])
 
     class OwnToTensor(ToTensor):
         pass
 
     ds.transforms.transforms[-1] = OwnToTensor()
-    assert make_dataloader(ds, 2, train=True, num_workers=0).dataset is ds  # not replaced
+    assert not ds.supports_compact
+    with pytest.raises(ValueError, match="compact samples need transforms ending with ToTensor"):
+        ds.sample(0, 1, compact=True)
+    assert make_dataloader(ds, 2, train=True, num_workers=0).dataset is ds  # read as it is
 
 
 def test_finalize_batch_rejects_a_plain_dict() -> None:

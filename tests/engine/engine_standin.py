@@ -12,8 +12,9 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
 
+from mtssm.engine.build import Components, seed_everything
 from mtssm.engine.config import RecipeConfig, config_from_dict
-from mtssm.engine.trainer import Components
+from mtssm.losses import build_task_losses
 
 TASKS = ["semseg", "depth"]
 H, W = 8, 12
@@ -79,11 +80,8 @@ def make_config(**train: Any) -> RecipeConfig:
 
 def make_components(cfg: RecipeConfig, dtype: torch.dtype = torch.float32, sleep: float = 0.0,
                     n: int = 24, dropout: float = 0.1) -> Components:
-    """Stand-in components; call after seeding the way :func:`train` does (it re-seeds anyway)."""
-    from mtssm.engine.trainer import seed_everything
-    from mtssm.losses import build_task_losses
-
+    """Stand-in components, the model initialised right after seeding (as build_components does)."""
     seed_everything(cfg.train.seed)
     model = StandInModel(dtype, sleep, dropout)
-    return Components(model=model, train_set=StandInDataset(n), eval_set=StandInDataset(8),
+    return Components(cfg=cfg, model=model, train_set=StandInDataset(n), eval_set=StandInDataset(8),
                       loss_fn=build_task_losses(TASKS), tasks=list(TASKS))

@@ -60,7 +60,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     steps, ckpt_every = 10, 3
     sets = [f"train.steps={steps}", f"train.ckpt_every={ckpt_every}"]
     cfg = standin.make_config(steps=steps, ckpt_every=ckpt_every)
-    train(cfg, tmp_path / "a", components=standin.make_components(cfg))
+    train(standin.make_components(cfg), tmp_path / "a")
 
     b = tmp_path / "b"
     cmd = [sys.executable, str(WORKER), str(b), "--sleep", "0.15"] + [x for s in sets for x in ("--set", s)]
@@ -77,7 +77,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     with open(b / "metrics.jsonl", "a") as f:  # a record the kill cut short
         f.write('{"kind": "train", "st')
 
-    train(cfg, b, resume=True, components=standin.make_components(cfg))
+    train(standin.make_components(cfg), b, resume=True)
     _assert_same(_final_weights(tmp_path / "a"), _final_weights(b))
     assert _steps_logged(b) == list(range(1, steps + 1))  # records past the checkpoint were replaced
 
@@ -89,7 +89,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     cfg = standin.make_config(steps=4, ckpt_every=0)
-    train(cfg, tmp_path / "one", components=standin.make_components(cfg, dtype=torch.float64, dropout=0))
+    train(standin.make_components(cfg, dtype=torch.float64, dropout=0), tmp_path / "one")
     ddp, one = _final_weights(tmp_path / "ddp"), _final_weights(tmp_path / "one")
     _assert_same(ddp, one, atol=1e-10)
     start = standin.make_components(cfg, dtype=torch.float64, dropout=0).model.state_dict()
@@ -99,8 +99,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 def test_grad_accumulation_equals_full_batch(tmp_path):
     cfg1 = standin.make_config(steps=3, ckpt_every=0)
     cfg2 = standin.make_config(steps=3, ckpt_every=0, grad_accum=2)
-    train(cfg1, tmp_path / "full", components=standin.make_components(cfg1, dtype=torch.float64, dropout=0))
-    train(cfg2, tmp_path / "accum", components=standin.make_components(cfg2, dtype=torch.float64, dropout=0))
+    train(standin.make_components(cfg1, dtype=torch.float64, dropout=0), tmp_path / "full")
+    train(standin.make_components(cfg2, dtype=torch.float64, dropout=0), tmp_path / "accum")
     _assert_same(_final_weights(tmp_path / "full"), _final_weights(tmp_path / "accum"), atol=1e-10)
 
 
@@ -119,7 +119,7 @@ def test_nan_loss_stops_naming_task_and_step_and_keeps_last_good_checkpoint(tmp_
 
     comps.loss_fn = poisoned
     with pytest.raises(NonFiniteLossError, match=r"task 'depth' is not finite at step 4") as info:
-        train(cfg, tmp_path, components=comps)
+        train(comps, tmp_path)
     assert "step_00000003" in str(info.value)
     latest = ckpt.latest_checkpoint(tmp_path / "checkpoints")
     assert latest.name == "step_00000003"
@@ -129,7 +129,7 @@ def test_nan_loss_stops_naming_task_and_step_and_keeps_last_good_checkpoint(tmp_
 
 def test_bf16_autocast_trains(tmp_path):
     cfg = standin.make_config(steps=2, ckpt_every=0, precision="bf16")
-    result = train(cfg, tmp_path, components=standin.make_components(cfg))
+    result = train(standin.make_components(cfg), tmp_path)
     records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # weights stay fp32
@@ -138,14 +138,14 @@ def test_bf16_autocast_trains(tmp_path):
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):
     cfg = standin.make_config(steps=2, ckpt_every=0, compile=True)
-    train(cfg, tmp_path / "compiled", components=standin.make_components(cfg, dropout=0))
+    train(standin.make_components(cfg, dropout=0), tmp_path / "compiled")
     eager = standin.make_config(steps=2, ckpt_every=0)
-    train(eager, tmp_path / "eager", components=standin.make_components(eager, dropout=0))
+    train(standin.make_components(eager, dropout=0), tmp_path / "eager")
     _assert_same(_final_weights(tmp_path / "compiled"), _final_weights(tmp_path / "eager"), atol=1e-5)
 
 
 def test_running_into_a_used_folder_needs_resume(tmp_path):
     cfg = standin.make_config(steps=1)
-    train(cfg, tmp_path, components=standin.make_components(cfg))
+    train(standin.make_components(cfg), tmp_path)
     with pytest.raises(FileExistsError, match="--resume"):
-        train(cfg, tmp_path, components=standin.make_components(cfg))
+        train(standin.make_components(cfg), tmp_path)

@@ -277,9 +277,9 @@ def test_load_balancing_loss_reaches_the_training_loss_and_is_logged(tmp_path):
         })
         torch.manual_seed(0)
         model = create_model("pamm_tiny", tasks=["semseg", "depth"], echo=None)
-        comps = Components(model, StandInDataset(4), None, build_task_losses(["semseg", "depth"]),
+        comps = Components(cfg, model, StandInDataset(4), None, build_task_losses(["semseg", "depth"]),
                            ["semseg", "depth"])
-        train(cfg, out, components=comps, echo=lambda _: None)
+        train(comps, out, echo=lambda _: None)
         return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
     (rec,) = run(0.5, tmp_path / "a")

@@ -31,7 +31,7 @@ def main() -> None:
     cfg = config_from_dict(apply_overrides(config_to_dict(standin.make_config()), a.overrides))
     dtype = torch.float64 if a.float64 else torch.float32
     comps = standin.make_components(cfg, dtype=dtype, sleep=a.sleep, dropout=a.dropout)
-    train(cfg, a.out, resume=a.resume, components=comps)
+    train(comps, a.out, resume=a.resume)
 
 
 if __name__ == "__main__":
