@@ -20,4 +20,9 @@ if [[ ",$extras," == *",test,"* ]]; then
     MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
       pip install -c "$constraints" --no-deps --no-build-isolation "mamba-ssm==2.3.2.post1"
   fi
+  # The deployment test builds the C++ program (deploy/cpp) with CMake: from PyPI where the system
+  # has none (it lands in .venv/bin).
+  if ! command -v cmake >/dev/null; then
+    pip install -c "$constraints" "cmake>=3.18"
+  fi
 fi

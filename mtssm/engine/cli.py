@@ -3,7 +3,7 @@
 - ``mtssm recipe list | show NAME | run NAME [--data-root DIR] [--data rendered] [--set k=v ...]
   [--out DIR] [--resume] [--weights FILE] [--encoder-weights FILE]``
 - ``mtssm eval CKPT [--data-root DIR]`` · ``mtssm predict CKPT IMAGE... --out DIR`` ·
-  ``mtssm export CKPT --out model.pt2`` · ``mtssm models``
+  ``mtssm export CKPT --out model.pt2 [--format aoti]`` · ``mtssm models``
 - eval, predict and export also run a recipe's model with given weights instead of a checkpoint:
   ``mtssm eval --recipe nyud_mtmamba --weights mtmamba_nyud.pth.tar --data-root DIR`` (any trained
   weights file: an official trained checkpoint or an mtssm checkpoint; ``--encoder-weights FILE``
@@ -30,7 +30,7 @@ from mtssm.engine.checkpoint import resolve_checkpoint
 from mtssm.engine.config import RecipeConfig, check_encoder_weights, config_to_dict, load_recipe_file
 from mtssm.engine.distributed import barrier, cleanup, init_distributed
 from mtssm.engine.evaluate import evaluate_recipe, format_table, write_result
-from mtssm.engine.export import export_model
+from mtssm.engine.export import deploy_commands, export_model
 from mtssm.engine.predict import output_stems, predict_dataset, predict_images
 from mtssm.engine.lock import RunFolderBusyError, lock_run_folder
 from mtssm.engine.resolve import resolve_model
@@ -218,12 +218,14 @@ def predict(paths: tuple[Path, ...], out: Path, recipe: str | None, overrides: t
 @click.argument("ckpt", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output .pt2 file.")
 @click.option("--size", default=None, metavar="HxW", help="Input size [the recipe's, rounded to 32].")
+@click.option("--format", "fmt", type=click.Choice(["program", "aoti"]), default="program",
+              help="program: torch.export (needs Python and mtssm); aoti: AOTInductor package for C++.")
 @_recipe_options
 @_one_line_errors
-def export(ckpt: Path | None, out: Path, size: str | None, recipe: str | None, overrides: tuple[str, ...],
-           weights: Path | None, encoder_weights: Path | None) -> None:
-    """Export checkpoint CKPT (or --recipe NAME --weights FILE) with torch.export (load with
-    torch.export.load after import mtssm); the input statistics travel with the program."""
+def export(ckpt: Path | None, out: Path, size: str | None, fmt: str, recipe: str | None,
+           overrides: tuple[str, ...], weights: Path | None, encoder_weights: Path | None) -> None:
+    """Export checkpoint CKPT (or --recipe NAME --weights FILE) with torch.export, or compile it with
+    AOTInductor (--format aoti); the input statistics travel with the program."""
     hw = None
     if size is not None:
         try:
@@ -232,8 +234,12 @@ def export(ckpt: Path | None, out: Path, size: str | None, recipe: str | None, o
             raise ValueError(f"--size: expected HxW like 96x128, got {size!r}") from None
         hw = (h, w)
     model, cfg, _ = _resolve(ckpt, recipe, weights, encoder_weights, overrides)
-    path = export_model(model, cfg, out, size=hw)
+    path = export_model(model, cfg, out, size=hw, format=fmt)
     click.echo(f"wrote {path}")
+    if fmt == "aoti":
+        click.echo("build and run the C++ program (no Python in its process):")
+        for line in deploy_commands(path):
+            click.echo(f"  {line}")
 
 
 @click.command("models")

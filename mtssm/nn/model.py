@@ -116,18 +116,28 @@ class MultiTaskModel(nn.Module):
             out[t] = resize_bilinear(y, size)
         return out
 
-    def forward(self, images: Tensor) -> TensorDict:
-        """``images (B, 3, H, W)`` -> ``TensorDict {task: (B, C_t, H, W)}`` with batch size ``[B]``."""
-        return TensorDict(self.forward_dict(images), batch_size=[images.shape[0]])
+    def forward(self, images: Tensor) -> TensorDict | dict[str, Tensor]:
+        """``images (B, 3, H, W)`` -> ``TensorDict {task: (B, C_t, H, W)}`` with batch size ``[B]``.
 
-    def as_exportable(self) -> ExportableModel:
-        """A view of this model whose forward returns a plain ``dict`` of tensors.
+        Under ``torch.export`` the same tensors come back as a plain ``dict``: ``torch.export.save``
+        cannot serialise a ``TensorDict`` (tensordict registers no serialised pytree name for it),
+        while a ``dict`` output saves, loads in a fresh process after ``import mtssm`` and compiles
+        with AOTInductor. So the direct path works::
 
-        ``torch.export.save`` cannot serialise a ``TensorDict`` output, so export this instead::
-
-            ep = torch.export.export(model.as_exportable().eval(), (images,))
+            ep = torch.export.export(model.eval(), (images,))
             torch.export.save(ep, "model.pt2")
             # elsewhere: ``import mtssm`` first (registers the ops), then torch.export.load
+        """
+        out = self.forward_dict(images)
+        if torch.compiler.is_exporting():
+            return out
+        return TensorDict(out, batch_size=[images.shape[0]])
+
+    def as_exportable(self) -> ExportableModel:
+        """A view of this model whose forward always returns a plain ``dict`` of tensors.
+
+        Exporting the model itself gives the same program (see :meth:`forward`); this view is for
+        callers that want a ``dict`` in eager mode too.
         """
         return ExportableModel(self)
 
