@@ -173,10 +173,16 @@ class MultiTaskLoss(nn.Module):
     Args:
         losses: task -> loss module ``(output, label) -> scalar``.
         weights: task -> weight; every task of ``losses`` needs one (None: all 1).
+        scheme: ``"sum"``: ``sum_t w_t L_t``; ``"log"``: ``sum_t w_t log(L_t + 1e-8)`` (the
+            ``MultiTaskLoss_log`` of MTMamba's code, ``losses/loss_schemes.py:34-48``).
     """
 
-    def __init__(self, losses: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None) -> None:
+    def __init__(self, losses: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None,
+                 scheme: str = "sum") -> None:
         super().__init__()
+        if scheme not in ("sum", "log"):
+            raise ValueError(f"scheme: expected 'sum' or 'log', got {scheme!r}")
+        self.scheme = scheme
         if not losses:
             raise ValueError("losses: expected at least one task")
         self.losses = nn.ModuleDict(dict(losses))
@@ -204,7 +210,10 @@ class MultiTaskLoss(nn.Module):
                 if task not in source.keys():
                     raise KeyError(f"{what}: missing task {task!r} (has {sorted(source.keys())})")
             per_task[task] = loss(outputs[task], labels[task])
-        total = torch.stack([self.weights[t] * v.float() for t, v in per_task.items()]).sum()
+        if self.scheme == "log":
+            total = torch.stack([self.weights[t] * torch.log(v.float() + 1e-8) for t, v in per_task.items()]).sum()
+        else:
+            total = torch.stack([self.weights[t] * v.float() for t, v in per_task.items()]).sum()
         return total, per_task
 
     def extra_repr(self) -> str:
@@ -217,6 +226,7 @@ def build_task_losses(
     *,
     edge_pos_weight: float = 0.95,
     ignore_index: int = IGNORE_INDEX,
+    scheme: str = "sum",
 ) -> MultiTaskLoss:
     """The losses of ``tasks`` (per-task modules in ``.losses``), weighted by ``weights``.
 
@@ -225,6 +235,7 @@ def build_task_losses(
         weights: task -> weight (from the recipe); None gives every task weight 1.
         edge_pos_weight: positive-class weight of the boundary loss.
         ignore_index: label value of unlabelled pixels.
+        scheme: how the weighted task losses combine (see :class:`MultiTaskLoss`).
     """
     losses: dict[str, nn.Module] = {}
     for task in tasks:
@@ -238,4 +249,4 @@ def build_task_losses(
             losses[task] = BalancedBCELoss(edge_pos_weight, ignore_index)
         else:
             losses[task] = TASK_LOSSES[task]()
-    return MultiTaskLoss(losses, weights)
+    return MultiTaskLoss(losses, weights, scheme)

@@ -63,6 +63,7 @@ def build_dataset(
     crop_size: int | Sequence[int] | None = None,
     tasks: Sequence[str] | None = None,
     on_error: str = "raise",
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
     **options: Any,
 ) -> DenseDataset:
     """Dataset ``name`` ("nyud", "pascal" or "cityscapes") with tensor samples, fed as its
@@ -76,18 +77,19 @@ def build_dataset(
     Cityscapes: the image resized to the protocol's ``image_size`` (or ``crop_size``), labels at
     their stored size, no augmentation, in both splits. ``options`` go to the dataset
     (``normals_rule``, ``edge_rule``, ``depth_target``: the departures of
-    :mod:`mtssm.data.datasets`).
+    :mod:`mtssm.data.datasets`). Images are normalised with ``normalization = (mean, std)``: the
+    model's (``model.input_normalization``); None gives the ImageNet statistics.
     """
     if name not in DATASETS:
         raise ValueError(f"dataset name must be one of {sorted(DATASETS)}, got {name!r}")
     proto = protocol(name)
     dataset = DATASETS[name](root, split, tasks=tasks, on_error=on_error, **options)
     if proto.image_size is not None:
-        dataset.transforms = resize_transforms(proto.image_size if crop_size is None else crop_size)
+        dataset.transforms = resize_transforms(proto.image_size if crop_size is None else crop_size, normalization)
     elif train:
-        dataset.transforms = train_transforms(proto.train_crop if crop_size is None else crop_size)
+        dataset.transforms = train_transforms(proto.train_crop if crop_size is None else crop_size, normalization=normalization)
     else:  # real data: centred padding to the test size, as the official pipeline
         pad = crop_size if crop_size is not None or dataset.rendered else proto.train_crop
-        dataset.transforms = eval_transforms(pad)
+        dataset.transforms = eval_transforms(pad, normalization)
     dataset.encoded_normals = True  # decoded by ToTensor after augmentation
     return dataset

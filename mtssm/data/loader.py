@@ -26,7 +26,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from mtssm.data.constants import PAD_VALUES
 from mtssm.data.datasets import decode_normals
 from mtssm.data.io import DataFileError
-from mtssm.data.transforms import normalize_image
+from mtssm.data.transforms import Compose, ToTensor, normalize_image
 from mtssm.runtime import keep_freed_memory
 
 __all__ = ["CompactSamples", "SeededSampler", "collate", "finalize_batch", "make_dataloader"]
@@ -132,11 +132,13 @@ def collate(samples: Sequence[dict[str, Any] | None]) -> TensorDict:
     return td
 
 
-def finalize_batch(batch: TensorDict, pin_memory: bool = False) -> TensorDict:
+def finalize_batch(batch: TensorDict, pin_memory: bool = False,
+                   normalization: tuple[Sequence[float], Sequence[float]] | None = None) -> TensorDict:
     """A compact batch (from ``ToTensor(compact=True)`` samples) -> the batch contract: ``image``
-    uint8 (B, 3, H, W) -> float32 ImageNet-normalised; ``semseg``, ``human_parts``, ``sal`` ->
-    int64 (B, H, W); ``edge`` uint8 (B, 1, H, W) -> float32; ``normals`` uint8 (B, 4, H, W) codes
-    -> float32 (B, 3, H, W) normals (0 where invalid, see ``mtssm.data.datasets.decode_normals``). Keys already in their final dtype, and ``meta``,
+    uint8 (B, 3, H, W) -> float32 normalised with ``normalization`` (``(mean, std)``; None:
+    ImageNet's); ``semseg``, ``human_parts``, ``sal`` -> int64 (B, H, W); ``edge`` uint8 (B, 1, H, W)
+    -> float32; ``normals`` uint8 (B, 4, H, W) codes -> float32 (B, 3, H, W) normals (0 where
+    invalid, see ``mtssm.data.datasets.decode_normals``). Keys already in their final dtype, and ``meta``,
     are kept as they are. With ``pin_memory`` every tensor of the result is in pinned memory."""
 
     if not isinstance(batch, TensorDict):
@@ -150,7 +152,7 @@ def finalize_batch(batch: TensorDict, pin_memory: bool = False) -> TensorDict:
         if key == "meta":
             continue
         if key == "image" and t.dtype == torch.uint8:
-            t = normalize_image(t, out=empty(t, torch.float32))
+            t = normalize_image(t, out=empty(t, torch.float32), normalization=normalization)
         elif (key in _LABEL_KEYS and t.dtype != torch.int64) or (key == "edge" and t.dtype != torch.float32):
             dst = empty(t, torch.int64 if key in _LABEL_KEYS else torch.float32)
             np.copyto(dst.numpy(), t.numpy(), casting="unsafe")  # numpy: one thread, see normalize_image
@@ -173,14 +175,14 @@ def finalize_batch(batch: TensorDict, pin_memory: bool = False) -> TensorDict:
 class _FinalizingIterator(Iterator[TensorDict]):
     """Wraps the loader's iterator: each compact batch goes through :func:`finalize_batch`."""
 
-    def __init__(self, it: Iterator[TensorDict], pin_memory: bool) -> None:
-        self._it, self._pin_memory = it, pin_memory
+    def __init__(self, it: Iterator[TensorDict], pin_memory: bool, normalization: Any = None) -> None:
+        self._it, self._pin_memory, self._normalization = it, pin_memory, normalization
 
     def __next__(self) -> TensorDict:
         batch = next(self._it)
         if isinstance(batch, _FileError):
             raise batch.error()
-        return finalize_batch(batch, self._pin_memory)
+        return finalize_batch(batch, self._pin_memory, self._normalization)
 
     def __len__(self) -> int:
         return len(self._it)  # type: ignore[arg-type]
@@ -190,17 +192,19 @@ class _Loader(StatefulDataLoader):
     """:class:`StatefulDataLoader` whose batches go through :func:`finalize_batch` when
     ``finalize_pin_memory`` is not None (the value says whether to pin them)."""
 
-    def __init__(self, *args: Any, finalize_pin_memory: bool | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, finalize_pin_memory: bool | None = None, normalization: Any = None,
+                 **kwargs: Any) -> None:
         with warnings.catch_warnings():  # torchdata's __init__ calls the deprecated torch.set_vital
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
             super().__init__(*args, **kwargs)
         self._finalize_pin_memory = finalize_pin_memory
+        self._normalization = normalization
 
     def __iter__(self) -> Iterator[TensorDict]:
         it = super().__iter__()
         if self._finalize_pin_memory is None:
             return it
-        return _FinalizingIterator(it, self._finalize_pin_memory)
+        return _FinalizingIterator(it, self._finalize_pin_memory, self._normalization)
 
 
 class _FileError:
@@ -232,6 +236,14 @@ class CompactSamples(Dataset):
             return self.dataset.sample(index, seed, compact=True)  # type: ignore[attr-defined]
         except DataFileError as exc:
             return _FileError(exc)
+
+
+def _normalization_of(dataset: Dataset) -> Any:
+    """The ``(mean, std)`` of the final :class:`ToTensor` of ``dataset.transforms`` (None: ImageNet's),
+    which :func:`finalize_batch` applies to compact batches."""
+    transforms = getattr(dataset, "transforms", None)
+    last = transforms.transforms[-1] if isinstance(transforms, Compose) and transforms.transforms else transforms
+    return last.normalization if isinstance(last, ToTensor) else None
 
 
 def _worker_init(worker_id: int) -> None:
@@ -281,6 +293,7 @@ def make_dataloader(
     return _Loader(
         dataset if compact is None else compact,
         finalize_pin_memory=None if compact is None else pin,
+        normalization=None if compact is None else _normalization_of(dataset),
         worker_init_fn=_worker_init,
         batch_size=batch_size,
         sampler=SeededSampler(len(dataset), shuffle=train, seed=seed),

@@ -161,7 +161,7 @@ class Compose:
         dtypes), or None when they do not end with a plain ``ToTensor``."""
         if not self.transforms or type(self.transforms[-1]) is not ToTensor:  # a subclass may convert differently
             return None
-        return Compose([*self.transforms[:-1], ToTensor(compact=True)])
+        return Compose([*self.transforms[:-1], ToTensor(compact=True, normalization=self.transforms[-1].normalization)])
 
     def __repr__(self) -> str:
         return f"Compose({self.transforms})"
@@ -383,14 +383,18 @@ class ResizeImage:
         return f"ResizeImage(size={self.size})"
 
 
-_IMAGE_SCALE = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], np.float32).reshape(3, 1, 1)
-_IMAGE_SHIFT = np.array([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], np.float32).reshape(3, 1, 1)
+Stats = tuple[Sequence[float], Sequence[float]]  # (mean, std) per RGB channel, images in [0, 1]
 
 
-def normalize_image(image: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 RGB levels ``(..., 3, H, W)`` (CPU) -> float32 ``(..., 3, H, W)`` normalised with the
-    ImageNet mean and std, ``(v / 255 - mean) / std`` computed in float32 as ``v * a + b``; written
-    into ``out`` (a contiguous CPU float32 tensor of the same shape) when given.
+def normalize_image(
+    image: torch.Tensor,
+    out: torch.Tensor | None = None,
+    normalization: Stats | None = None,
+) -> torch.Tensor:
+    """uint8 RGB levels ``(..., 3, H, W)`` (CPU) -> float32 ``(..., 3, H, W)`` normalised with
+    ``normalization = (mean, std)`` (the model's, :attr:`mtssm.nn.MultiTaskModel.input_normalization`;
+    None: the ImageNet statistics), ``(v / 255 - mean) / std`` computed in float32 as ``v * a + b``;
+    written into ``out`` (a contiguous CPU float32 tensor of the same shape) when given.
 
     Runs in numpy, on one thread: called once per batch in the loader's main process, where
     torch's intra-op threads would only add overhead on a machine busy with the training step."""
@@ -398,13 +402,16 @@ def normalize_image(image: torch.Tensor, out: torch.Tensor | None = None) -> tor
         raise TypeError(f"image must be a uint8 tensor of levels, got {image.dtype}")
     if image.dim() < 3 or image.shape[-3] != 3:
         raise ValueError(f"image must have shape (..., 3, H, W), got {tuple(image.shape)}")
+    mean, std = normalization if normalization is not None else (IMAGENET_MEAN, IMAGENET_STD)
+    scale = np.array([1.0 / (255.0 * s) for s in std], np.float32).reshape(3, 1, 1)
+    shift = np.array([-m / s for m, s in zip(mean, std)], np.float32).reshape(3, 1, 1)
     if out is None:
         out = torch.empty(image.shape, dtype=torch.float32)
     elif out.dtype != torch.float32 or out.shape != image.shape or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(image.shape)}")
     dst = out.numpy()
-    np.multiply(image.numpy(), _IMAGE_SCALE, out=dst, dtype=np.float32)
-    dst += _IMAGE_SHIFT
+    np.multiply(image.numpy(), scale, out=dst, dtype=np.float32)
+    dst += shift
     return out
 
 
@@ -418,8 +425,8 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 class ToTensor:
-    """numpy sample -> tensors: ``image`` float32 (3, H, W) ImageNet-normalised (see
-    :func:`normalize_image`); ``semseg``, ``human_parts``, ``sal`` int64 (H, W); ``depth``, ``edge``
+    """numpy sample -> tensors: ``image`` float32 (3, H, W) normalised with ``normalization``
+    (``(mean, std)``; None: ImageNet's; see :func:`normalize_image`); ``semseg``, ``human_parts``, ``sal`` int64 (H, W); ``depth``, ``edge``
     float32 (1, H, W); ``normals`` float32 (3, H, W); ``meta`` unchanged.
 
     ``compact=True`` keeps the small dtypes for a cheap trip between processes (what
@@ -429,13 +436,14 @@ class ToTensor:
     (4, H, W) codes if they travel encoded (see ``DenseDataset.encoded_normals``), else float32.
     Compact tensors may be non-contiguous views."""
 
-    def __init__(self, compact: bool = False) -> None:
+    def __init__(self, compact: bool = False, normalization: Stats | None = None) -> None:
         self.compact = compact
+        self.normalization = normalization
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         out: Sample = {}
         image = _tensor(sample["image"]).permute(2, 0, 1)
-        out["image"] = image if self.compact else normalize_image(image)
+        out["image"] = image if self.compact else normalize_image(image, normalization=self.normalization)
         for key in ("semseg", "human_parts", "sal"):
             if key in sample:
                 t = _tensor(sample[key])
@@ -457,27 +465,32 @@ class ToTensor:
 
     def with_compact_output(self) -> ToTensor | None:
         """``ToTensor(compact=True)`` (None for a subclass, which may convert differently)."""
-        return ToTensor(compact=True) if type(self) is ToTensor else None
+        return ToTensor(compact=True, normalization=self.normalization) if type(self) is ToTensor else None
 
     def __repr__(self) -> str:
         return f"ToTensor(compact={self.compact})"
 
 
-def train_transforms(crop_size: int | Sequence[int], scale_range: tuple[float, float] = (0.5, 2.0)) -> Compose:
+def train_transforms(crop_size: int | Sequence[int], scale_range: tuple[float, float] = (0.5, 2.0),
+                     normalization: Stats | None = None) -> Compose:
     """Random scale + crop to ``crop_size`` and flip p=0.5 (fused in one :class:`RandomScaleCrop`
     pass; the same draws as ``RandomScaleCrop`` then ``RandomHorizontalFlip(0.5)``), photometric
-    distortion, empty parts maps ignored, to tensors."""
+    distortion, empty parts maps ignored, to tensors normalised with ``normalization`` (None:
+    ImageNet's)."""
     return Compose([RandomScaleCrop(crop_size, scale_range, flip_p=0.5), PhotometricDistortion(),
-                    IgnoreEmptyParts(), ToTensor()])  # fmt: skip
+                    IgnoreEmptyParts(), ToTensor(normalization=normalization)])  # fmt: skip
 
 
-def eval_transforms(pad_size: int | Sequence[int] | None = None) -> Compose:
+def eval_transforms(pad_size: int | Sequence[int] | None = None, normalization: Stats | None = None) -> Compose:
     """No resizing: optional padding to ``pad_size`` (batches are padded to a common size by the
-    loader's collate anyway), empty parts maps ignored, then tensors."""
-    return Compose(([PadTo(pad_size)] if pad_size is not None else []) + [IgnoreEmptyParts(), ToTensor()])
+    loader's collate anyway), empty parts maps ignored, then tensors normalised with
+    ``normalization`` (None: ImageNet's)."""
+    return Compose(([PadTo(pad_size)] if pad_size is not None else [])
+                   + [IgnoreEmptyParts(), ToTensor(normalization=normalization)])
 
 
-def resize_transforms(image_size: int | Sequence[int]) -> Compose:
+def resize_transforms(image_size: int | Sequence[int], normalization: Stats | None = None) -> Compose:
     """The unaugmented pipeline (MTMamba++ Cityscapes, train and eval): the image resized to
-    ``image_size``, labels at their stored size, then tensors."""
-    return Compose([ResizeImage(image_size), IgnoreEmptyParts(), ToTensor()])
+    ``image_size``, labels at their stored size, then tensors normalised with ``normalization``
+    (None: ImageNet's)."""
+    return Compose([ResizeImage(image_size), IgnoreEmptyParts(), ToTensor(normalization=normalization)])

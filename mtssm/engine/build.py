@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from mtssm.data import build_dataset, make_dataloader, render_scenes
-from mtssm.engine.config import ConfigError, RecipeConfig, load_recipe_file
+from mtssm.engine.checkpoint import MODEL_FILE, resolve_checkpoint
+from mtssm.engine.config import ConfigError, RecipeConfig, check_encoder_weights, load_recipe_file
 from mtssm.engine.sanity import check_crop_size
 from mtssm.losses import build_task_losses
 from mtssm.nn import create_model, list_models, model_config
@@ -48,6 +49,8 @@ __all__ = [
     "check_model_args",
     "load_recipe",
     "make_train_loader",
+    "model_normalization",
+    "param_groups",
     "recipe_tasks",
     "render_cache_dir",
     "rendered_data_root",
@@ -96,12 +99,28 @@ def _model_args(cfg: RecipeConfig, args: Mapping[str, Any]) -> dict[str, Any]:
     return {"dataset": cfg.data.dataset, "tasks": recipe_tasks(cfg), **args}
 
 
-def build_model(cfg: RecipeConfig, device: torch.device | str | None = None) -> nn.Module:
+def build_model(cfg: RecipeConfig, device: torch.device | str | None = None, *, load_weights: bool = True,
+                echo: Any = print) -> nn.Module:
     """The registered model ``model.name`` for the recipe's dataset and tasks, with ``model.args``
-    (``device="meta"`` builds it without memory)."""
+    (``device="meta"`` builds it without memory).
+
+    With ``load_weights`` the files ``model.encoder_weights`` and ``model.weights`` are loaded
+    (each load's report goes to ``echo``); without, only the architecture is built (to receive a
+    checkpoint's weights).
+    """
     if cfg.model.name not in list_models():
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; valid models: {', '.join(list_models())}")
-    return create_model(cfg.model.name, device=device, **_model_args(cfg, cfg.model.args))
+    args = _model_args(cfg, cfg.model.args)
+    if load_weights:
+        args.update(weights=_weights_file(cfg.model.weights), encoder_weights=cfg.model.encoder_weights)
+    return create_model(cfg.model.name, device=device, echo=echo, **args)
+
+
+def _weights_file(path: str | None) -> str | None:
+    """``model.weights`` as a file: an mtssm run or checkpoint folder becomes its ``model.safetensors``."""
+    if path is None or not Path(path).expanduser().is_dir():
+        return path
+    return str(resolve_checkpoint(Path(path).expanduser()) / MODEL_FILE)
 
 
 def check_model_args(cfg: RecipeConfig) -> None:
@@ -190,30 +209,46 @@ def _not_found(cfg: RecipeConfig, root: Path, detail: str = "") -> str:
     )
 
 
-def _build_dataset(cfg: RecipeConfig, root: Path, split: str, train: bool) -> Dataset:
+def _build_dataset(cfg: RecipeConfig, root: Path, split: str, train: bool, normalization: Any = None) -> Dataset:
     crop = tuple(cfg.data.crop_size) if (train and cfg.data.crop_size) else None
     try:
-        return build_dataset(cfg.data.dataset, root, split, train, crop_size=crop, tasks=recipe_tasks(cfg))
+        return build_dataset(cfg.data.dataset, root, split, train, crop_size=crop, tasks=recipe_tasks(cfg),
+                             normalization=normalization)
     except FileNotFoundError as exc:
         raise DatasetNotFoundError(_not_found(cfg, root, f" ({exc})")) from None
 
 
-def build_eval_set(cfg: RecipeConfig, root: str | Path) -> Dataset:
-    """The evaluation split of the recipe's dataset."""
-    return _build_dataset(cfg, Path(root), cfg.data.eval_split, train=False)
+def model_normalization(model: nn.Module) -> Any:
+    """The ``(mean, std)`` a model wants its inputs normalised with (None: ImageNet's, for a model
+    that does not say)."""
+    return getattr(model, "input_normalization", None)
 
 
-def build_components(cfg: RecipeConfig, data_root: str | Path | None = None) -> Components:
-    """Datasets, model and loss of ``cfg``. The model is initialised right after
-    ``seed_everything(train.seed)``, so the same recipe always starts from the same weights."""
+def build_eval_set(cfg: RecipeConfig, root: str | Path, normalization: Any = None) -> Dataset:
+    """The evaluation split of the recipe's dataset, its images normalised with ``normalization``
+    (the model's :func:`model_normalization`; None: ImageNet's)."""
+    return _build_dataset(cfg, Path(root), cfg.data.eval_split, train=False, normalization=normalization)
+
+
+def build_components(cfg: RecipeConfig, data_root: str | Path | None = None, echo: Any = print) -> Components:
+    """Model, datasets and loss of ``cfg``. The model is initialised right after
+    ``seed_everything(train.seed)``, so the same recipe always starts from the same weights; its
+    weight files (``model.weights``, ``model.encoder_weights``) are loaded, each load reported to
+    ``echo``, and the datasets normalise images with the model's statistics.
+
+    Raises a one-line :class:`~mtssm.engine.config.ConfigError` for a paper model given no
+    encoder weights (:func:`~mtssm.engine.config.check_encoder_weights`).
+    """
+    check_encoder_weights(cfg)
     root = Path(data_root) if data_root is not None else resolve_data_root(cfg)
     tasks = recipe_tasks(cfg)
-    train_set = _build_dataset(cfg, root, cfg.data.train_split, train=True)
-    eval_set = build_eval_set(cfg, root)
-    weights = {t: float(cfg.loss.weights.get(t, 1.0)) for t in tasks}
-    loss_fn = build_task_losses(tasks, weights, edge_pos_weight=cfg.loss.edge_pos_weight)
     seed_everything(cfg.train.seed)
-    model = build_model(cfg)
+    model = build_model(cfg, echo=echo)
+    norm = model_normalization(model)
+    train_set = _build_dataset(cfg, root, cfg.data.train_split, train=True, normalization=norm)
+    eval_set = build_eval_set(cfg, root, norm)
+    weights = {t: float(cfg.loss.weights.get(t, 1.0)) for t in tasks}
+    loss_fn = build_task_losses(tasks, weights, edge_pos_weight=cfg.loss.edge_pos_weight, scheme=cfg.loss.scheme)
     return Components(cfg=cfg, model=model, train_set=train_set, eval_set=eval_set, loss_fn=loss_fn, tasks=tasks)
 
 
@@ -225,10 +260,28 @@ def make_train_loader(components: Components, batch_size: int) -> Any:
     )
 
 
+def param_groups(model: nn.Module, weight_decay: float, no_decay_flagged: bool = True) -> list[dict[str, Any]]:
+    """The trainable parameters of ``model`` as optimizer groups.
+
+    With ``no_decay_flagged``, parameters flagged ``_no_weight_decay = True`` (the SSMs' ``A_log``
+    and ``D``, as in Mamba) form a second group with ``weight_decay=0``; otherwise (and when
+    nothing is flagged) one group holds every parameter with ``weight_decay``.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if no_decay_flagged and getattr(p, "_no_weight_decay", False) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
 def build_optimizer(cfg: RecipeConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer the recipe names, over the trainable parameters of ``model``."""
+    """The optimizer the recipe names, over the trainable parameters of ``model`` (grouped by
+    :func:`param_groups`)."""
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(model, o.weight_decay, o.no_decay_flagged)
     if o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     if o.name == "adamw":

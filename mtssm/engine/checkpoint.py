@@ -5,7 +5,8 @@ Layout of a run directory::
     RUN/config.yaml                      the resolved recipe
     RUN/metrics.jsonl                    training and evaluation records, one JSON object a line
     RUN/checkpoints/step_00000100/       one checkpoint
-        model.safetensors                weights; metadata holds the recipe (JSON) and the step
+        model.safetensors                weights; metadata holds the recipe (JSON), the step and the
+                                         model's input normalisation (JSON)
         state.pt                         optimizer, scheduler, data-loader position, RNG states, step
     RUN/checkpoints/latest               the name of the newest complete checkpoint
 
@@ -40,6 +41,8 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import nn
+
+from mtssm.nn.pretrained import NORMALIZATION_KEY, normalization_metadata, recorded_normalization
 
 __all__ = [
     "MODEL_FILE",
@@ -196,6 +199,9 @@ def save_checkpoint(
         torch.save({**state, "step": step}, tmp / STATE_FILE)
         tensors = _model_tensors(model)
         metadata = {"mtssm_config": json.dumps(config), "step": str(step)}
+        stats = getattr(model, "input_normalization", None)
+        if stats is not None:
+            metadata[NORMALIZATION_KEY] = normalization_metadata(stats)
         metadata[_CHECKSUM_KEY] = json.dumps({
             "algorithm": "sha256",
             MODEL_FILE: _content_digest(tensors, metadata),
@@ -436,9 +442,14 @@ def read_checkpoint_config(ckpt: str | Path) -> tuple[dict[str, Any], int]:
 
 def load_model_weights(model: nn.Module, ckpt: str | Path, strict: bool = True) -> None:
     """Load a checkpoint's weights into ``model`` in place, after verifying them (checksum, and every
-    tensor finite): a failure raises :class:`CheckpointError` naming the file."""
-    tensors, _ = _read_weights(resolve_checkpoint(ckpt), finite=True)
+    tensor finite): a failure raises :class:`CheckpointError` naming the file. The input
+    normalisation the checkpoint records becomes the model's."""
+    folder = resolve_checkpoint(ckpt)
+    tensors, _ = _read_weights(folder, finite=True)
     model.load_state_dict(tensors, strict=strict)
+    stats = recorded_normalization(folder / MODEL_FILE)
+    if stats is not None and hasattr(model, "set_input_normalization"):
+        model.set_input_normalization(*stats)
 
 
 def load_train_state(ckpt: str | Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from mtssm.nn.pretrained import paper_weights
 from mtssm.tasks import DATASETS, dataset_tasks
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_encoder_weights",
     "config_from_dict",
     "config_to_dict",
     "load_recipe_file",
@@ -49,10 +51,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The registered model (``mtssm models`` lists them) and overrides of its hyperparameters."""
+    """The registered model (``mtssm models`` lists them), overrides of its hyperparameters, and the
+    weights it starts from.
+
+    ``weights``: a whole-model file (an mtssm checkpoint, or an official trained checkpoint).
+    ``encoder_weights``: a pretrained encoder file. ``none`` (or leaving a key out) loads nothing;
+    a paper model (:mod:`mtssm.nn.pretrained`) trained without ``weights`` needs
+    ``encoder_weights``: a path, or ``none`` to train from scratch on purpose.
+    """
 
     name: str = "msm_tiny"
     args: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    encoder_weights: str | None = None
 
 
 @dataclass
@@ -74,13 +85,19 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimizer: ``adam`` (L2 weight decay), ``adamw`` (decoupled) or ``sgd``."""
+    """Optimizer: ``adam`` (L2 weight decay), ``adamw`` (decoupled) or ``sgd``.
+
+    ``no_decay_flagged``: parameters flagged ``_no_weight_decay`` (the SSMs' ``A_log`` and ``D``)
+    get no weight decay, as Mamba trains them. The official MTMamba and PAMM code puts every
+    parameter in one decayed group, so their paper recipes set it false.
+    """
 
     name: str = "adamw"
     lr: float = 1e-4
     weight_decay: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9
+    no_decay_flagged: bool = True
 
 
 @dataclass
@@ -95,16 +112,22 @@ class ScheduleConfig:
 
 @dataclass
 class LossConfig:
-    """Per-task loss weights (a task not listed gets 1.0) and the boundary positive weight."""
+    """Per-task loss weights (a task not listed gets 1.0), the boundary positive weight, how the
+    task losses combine (``sum``: ``sum_t w_t L_t``; ``log``: ``sum_t w_t log(L_t + 1e-8)``, MTMamba's
+    ``loss_scheme: log``), and the weight of the decoder's expert load-balancing loss (PAMM; 0
+    leaves it out of the training loss, where it is still logged)."""
 
     weights: dict[str, float] = field(default_factory=dict)
     edge_pos_weight: float = 0.95
+    scheme: str = "sum"
+    load_balancing: float = 0.0
 
 
 @dataclass
 class TrainConfig:
     """The training loop. ``grad_clip`` 0 turns clipping off; ``*_every`` 0 means only at the end;
-    ``threads`` sets torch's intra-op CPU threads (0 keeps torch's default)."""
+    ``threads`` sets torch's intra-op CPU threads (0 keeps torch's default); ``sync_bn`` turns every
+    batch norm into ``SyncBatchNorm`` in a distributed (CUDA) run."""
 
     steps: int = 1000
     grad_accum: int = 1
@@ -119,6 +142,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_ckpts: int = 2
     progress: bool = True
+    sync_bn: bool = False
 
 
 @dataclass
@@ -152,6 +176,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": tuple(DATASETS),
     "optim.name": ("adam", "adamw", "sgd"),
     "schedule.name": ("poly", "constant"),
+    "loss.scheme": ("sum", "log"),
     "train.precision": ("fp32", "bf16"),
 }
 
@@ -313,6 +338,12 @@ def _check_values(cfg: RecipeConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: expected a value >= 0, got {value}")
+    if cfg.loss.load_balancing < 0:
+        raise ConfigError(f"loss.load_balancing: expected a weight >= 0, got {cfg.loss.load_balancing}")
+    for key in ("weights", "encoder_weights"):
+        value = getattr(cfg.model, key)
+        if value is not None and not value.strip():
+            raise ConfigError(f"model.{key}: expected a file path or none, got an empty string")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr: expected a positive learning rate, got {o.lr}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
@@ -334,6 +365,27 @@ def _check_values(cfg: RecipeConfig) -> None:
         raise ConfigError(
             f"data.batch_size ({d.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})"
         )
+
+
+def _given(path: str | None) -> bool:
+    return path is not None and path.strip().lower() != "none"
+
+
+def check_encoder_weights(cfg: RecipeConfig) -> None:
+    """Stop a recipe that would train a paper model from a random encoder without saying so.
+
+    A paper model (:data:`mtssm.nn.pretrained.PAPER_WEIGHTS`) given neither ``model.weights`` nor
+    ``model.encoder_weights`` raises a one-line :class:`ConfigError` naming the file its paper used
+    and how to pass it; ``model.encoder_weights: none`` trains from scratch on purpose.
+    """
+    paper = paper_weights(cfg.model.name)
+    if paper is None or cfg.model.encoder_weights is not None or _given(cfg.model.weights):
+        return
+    raise ConfigError(
+        f"model.encoder_weights: {cfg.model.name} starts from the pretrained encoder {paper.encoder_file} "
+        f"in its paper ({paper.encoder_source}); pass --encoder-weights PATH (or --set "
+        f"model.encoder_weights=PATH), or --set model.encoder_weights=none to train from scratch"
+    )
 
 
 def config_from_dict(data: dict[str, Any]) -> RecipeConfig:

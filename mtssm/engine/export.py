@@ -1,7 +1,8 @@
 """Export a checkpoint for deployment: a ``torch.export`` program, or an AOTInductor package.
 
-Two formats, both for inputs ``(B, 3, H, W)`` of the shape given at export time (ImageNet-normalised,
-H and W multiples of 32), both returning ``{task: (B, C_t, H, W)}``:
+Two formats, both for inputs ``(B, 3, H, W)`` of the shape given at export time (normalised with the model's
+statistics, H and W multiples of 32), both returning ``{task: (B, C_t, H, W)}``. A program carries the statistics as its extra file
+``normalization.json`` (``{"mean": [...], "std": [...]}``), a package in its metadata:
 
 - ``"program"`` (default): a ``torch.export`` program. It needs Python and ``import mtssm`` (which
   registers the ``torch.ops.mtssm`` ops) to run::
@@ -25,11 +26,13 @@ built for it: run the package on machines of the same kind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 from shlex import quote
 
 import torch
@@ -41,12 +44,14 @@ from mtssm.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from mtssm.engine.predict import load_model_from_checkpoint
 
 __all__ = [
+    "NORMALIZATION_FILE",
     "EXPORT_FORMATS",
     "OPS_LIBRARY_NAME",
     "compile_package",
     "default_export_size",
     "deploy_commands",
     "export_checkpoint",
+    "export_model",
     "export_program",
     "fold_scan_orders",
     "package_metadata",
@@ -58,6 +63,8 @@ EXPORT_FORMATS = ("program", "aoti")
 OPS_LIBRARY_NAME = "libmtssm_ops.so"
 #: The C++ program that runs AOTInductor packages (in a clone of the repository).
 CPP_SOURCE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "cpp"
+#: The extra file of an exported program holding the model's input statistics.
+NORMALIZATION_FILE = "normalization.json"
 
 
 def default_export_size(cfg: object) -> tuple[int, int]:
@@ -107,13 +114,14 @@ def fold_scan_orders(program: torch.export.ExportedProgram) -> torch.export.Expo
         return torch.export.export(module, (example,))
 
 
-def package_metadata(program: torch.export.ExportedProgram, name: str = "") -> dict[str, str]:
+def package_metadata(program: torch.export.ExportedProgram, name: str = "",
+                     normalization: Any = None) -> dict[str, str]:
     """What a client of an AOTInductor package needs, as the string map stored in the package.
 
     Read off ``program`` (one image input, a ``{task: (B, C_t, H, W)}`` output). Keys:
     ``mtssm.tasks`` (comma-separated, the order of the package's outputs), ``mtssm.channels``
     (``C_t`` of each), ``mtssm.input`` (``BxCxHxW``), ``mtssm.mean`` / ``mtssm.std`` (per RGB
-    channel, for pixel values in [0, 1]), ``mtssm.model`` (the model's registered name, if given).
+    channel, for pixel values in [0, 1]: ``normalization = (mean, std)``, None: ImageNet's), ``mtssm.model`` (the model's registered name, if given).
     """
     spec = program.call_spec.out_spec
     if spec is None or spec.type is not dict:
@@ -122,14 +130,15 @@ def package_metadata(program: torch.export.ExportedProgram, name: str = "") -> d
     user_outputs = set(program.graph_signature.user_outputs)
     shapes = [tuple(n.meta["val"].shape) for n in program.graph.output_node().args[0]
               if n.name in user_outputs]
+    mean, std = normalization if normalization is not None else (IMAGENET_MEAN, IMAGENET_STD)
     (image,) = (n.meta["val"] for n in program.graph.find_nodes(op="placeholder")
                 if n.name in program.graph_signature.user_inputs)
     return {
         "mtssm.tasks": ",".join(tasks),
         "mtssm.channels": ",".join(str(s[1]) for s in shapes),
         "mtssm.input": "x".join(str(int(d)) for d in image.shape),
-        "mtssm.mean": ",".join(repr(float(v)) for v in IMAGENET_MEAN),
-        "mtssm.std": ",".join(repr(float(v)) for v in IMAGENET_STD),
+        "mtssm.mean": ",".join(repr(float(v)) for v in mean),
+        "mtssm.std": ",".join(repr(float(v)) for v in std),
         "mtssm.model": name,
     }
 
@@ -191,15 +200,37 @@ def export_checkpoint(
     if format == "aoti" and out.suffix != ".pt2":
         raise ValueError(f"--out {str(out)!r}: an AOTInductor package must be named *.pt2")
     model, cfg, _ = load_model_from_checkpoint(ckpt)
+    return export_model(model, cfg, out, size=size, batch=batch, format=format)
+
+
+def export_model(
+    model: nn.Module,
+    cfg: Any,
+    out: str | Path,
+    *,
+    size: tuple[int, int] | None = None,
+    batch: int = 1,
+    format: str = "program",
+) -> Path:
+    """Export ``model`` (built from recipe ``cfg``) for inputs ``(batch, 3, *size)`` to ``out``
+    (written atomically) in ``format`` (:data:`EXPORT_FORMATS`), with its input statistics
+    (:data:`NORMALIZATION_FILE`, or the package metadata)."""
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
+    out = Path(out)
+    if format == "aoti" and out.suffix != ".pt2":
+        raise ValueError(f"--out {str(out)!r}: an AOTInductor package must be named *.pt2")
     h, w = size or default_export_size(cfg)
     if h % 32 or w % 32 or h <= 0 or w <= 0:
         raise ValueError(f"size: expected positive multiples of 32, got {h}x{w}")
     program = export_program(model, torch.zeros(batch, 3, h, w))
+    stats = getattr(model, "input_normalization", None)
     if format == "aoti":
-        compile_package(program, out, package_metadata(program, cfg.model.name))  # type: ignore[attr-defined]
+        compile_package(program, out, package_metadata(program, cfg.model.name, stats))  # type: ignore[attr-defined]
         _copy_ops_library(out)
         return out
-    return _write_atomically(out, lambda tmp: torch.export.save(program, tmp))
+    extra = {} if stats is None else {NORMALIZATION_FILE: json.dumps({"mean": list(stats[0]), "std": list(stats[1])})}
+    return _write_atomically(out, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
 
 
 def deploy_commands(package: str | Path, build_dir: str | Path = "build/deploy") -> list[str]:

@@ -126,20 +126,22 @@ def colorize_target(task: str, target: Tensor, pred: Tensor | None = None) -> Im
 _MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
+def read_rgb(path: str | Path, background: Sequence[float] | None = None) -> np.ndarray:
     """The image at ``path`` as float32 RGB ``(H, W, 3)`` in ``[0, 1]``, upright, whatever its mode.
 
     8-bit modes are divided by 255; 16-bit grey (``I;16*``, and ``I``) by 65535, so the full range
     is kept rather than clipped to white; ``F`` is taken as intensities in ``[0, 1]`` (clipped, NaN
     as 0). Grey is repeated into three channels; ``P``, ``CMYK`` and ``YCbCr`` go through Pillow's
     conversion. Transparent pixels (``RGBA``, ``LA``, ``PA``, a palette or colour with a transparent
-    entry) are composited onto the ImageNet mean, the colour of the padding the model sees around
-    an image, so that they read as "no image" rather than as black or white. The EXIF orientation
+    entry) are composited onto ``background`` (the model's input mean; None: the ImageNet mean),
+    the colour of the padding the model sees around an image, so that they read as "no image"
+    rather than as black or white. The EXIF orientation
     is applied. Raises a one-line ``FileNotFoundError`` / ``ValueError`` naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    mean = np.asarray(IMAGENET_MEAN if background is None else background, dtype=np.float32)
     try:
         img = Image.open(path)
         img.load()
@@ -154,22 +156,29 @@ def read_rgb(path: str | Path) -> np.ndarray:
         if "A" in mode or "a" in mode or "transparency" in img.info:
             rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
             alpha = rgba[..., 3:]
-            background = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-            return rgba[..., :3] * alpha + background * (1.0 - alpha)
+            return rgba[..., :3] * alpha + mean * (1.0 - alpha)
         return np.asarray(img if mode == "RGB" else img.convert("RGB"), dtype=np.float32) / 255.0
     except Exception as exc:  # Pillow raises OSError, ValueError, DecompressionBombError, ...
         why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
         raise ValueError(f"image {str(path)!r} cannot be read ({why})") from None
 
 
-def load_image(path: str | Path) -> tuple[Image.Image, Tensor]:
-    """The image at ``path`` as 8-bit RGB (for display) and its normalised tensor ``(3, H, W)``
-    (ImageNet statistics), from :func:`read_rgb`."""
-    rgb = read_rgb(path)
+def _stats(normalization: tuple[Sequence[float], Sequence[float]] | None) -> tuple[Tensor, Tensor]:
+    """``(mean, std)`` as ``(3, 1, 1)`` tensors; None gives the ImageNet statistics."""
+    mean, std = normalization if normalization is not None else (IMAGENET_MEAN, IMAGENET_STD)
+    return torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+
+def load_image(
+    path: str | Path, normalization: tuple[Sequence[float], Sequence[float]] | None = None
+) -> tuple[Image.Image, Tensor]:
+    """The image at ``path`` as 8-bit RGB (for display) and its tensor ``(3, H, W)`` normalised with
+    ``normalization`` (``(mean, std)``, the model's ``input_normalization``; None: ImageNet's), from
+    :func:`read_rgb` (transparent pixels onto that mean)."""
+    mean, std = _stats(normalization)
+    rgb = read_rgb(path, background=mean.flatten().tolist())
     img = Image.fromarray((rgb * 255.0).round().astype(np.uint8))
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return img, (x - mean) / std
 
 
@@ -231,7 +240,9 @@ def load_model_from_checkpoint(ckpt: str | Path, device: str | torch.device = "c
     """
     data, step = read_checkpoint_config(ckpt)
     cfg = config_from_dict(data)
-    model = build_model(cfg)  # built for real: non-persistent buffers are not in the checkpoint
+    # built for real (non-persistent buffers are not in the checkpoint), without the recipe's
+    # weights files: the checkpoint holds every weight and the input normalisation
+    model = build_model(cfg, load_weights=False, echo=None)
     load_model_weights(model, ckpt)
     return model.to(device).eval(), cfg, step
 
@@ -278,16 +289,16 @@ def predict_images(model: nn.Module, images: Sequence[str | Path], out_dir: str 
             planned[target] = src
     model.eval()
     written: list[Path] = []
+    norm = getattr(model, "input_normalization", None)
     for src, stem in stems.items():
-        img, x = load_image(src)
+        img, x = load_image(src, norm)
         written += save_predictions(img, predict_tensor(model, x), out_dir, stem)
     return list(dict.fromkeys(written))
 
 
-def _to_pil(image: Tensor) -> Image.Image:
-    """Undo the ImageNet normalisation of ``(3, H, W)`` and return an RGB image."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+def _to_pil(image: Tensor, normalization: tuple[Sequence[float], Sequence[float]] | None = None) -> Image.Image:
+    """Undo the normalisation ``(mean, std)`` (None: ImageNet's) of ``(3, H, W)``; an RGB image."""
+    mean, std = _stats(normalization)
     rgb = (image.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
     return Image.fromarray((rgb * 255).round().astype(np.uint8))
 
@@ -297,10 +308,11 @@ def predict_dataset(model: nn.Module, dataset: Sequence, out_dir: str | Path, n:
     each sheet showing the input and, per task, the ground truth beside the prediction."""
     model.eval()
     written: list[Path] = []
+    norm = getattr(model, "input_normalization", None)
     for i in range(min(n, len(dataset))):
         sample = dataset[i]
         image = sample["image"]
         preds = predict_tensor(model, image)
         targets = {t: sample[t] for t in preds if t in sample}
-        written += save_predictions(_to_pil(image), preds, out_dir, f"{i:04d}", targets)
+        written += save_predictions(_to_pil(image, norm), preds, out_dir, f"{i:04d}", targets)
     return written

@@ -40,6 +40,7 @@ from mtssm.engine.build import (
     build_optimizer,
     build_scheduler,
     make_train_loader,
+    param_groups,
     seed_everything,
 )
 from mtssm.engine.config import RecipeConfig, config_to_dict
@@ -58,7 +59,9 @@ __all__ = [
     "PolyWarmup",
     "TrainResult",
     "build_optimizer",
+    "param_groups",
     "pick_device",
+    "sync_batchnorm",
     "seed_everything",
     "train",
 ]
@@ -248,9 +251,9 @@ def _setup(components: Components, out: Path, info: DistInfo, device: torch.devi
     stream = BatchStream(make_train_loader(components, per_rank * world))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
-    train_model: nn.Module = model
+    train_model: nn.Module = sync_batchnorm(model, t.sync_bn, world)
     if world > 1:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(train_model) if t.compile else train_model
     log = _Log(out / "metrics.jsonl", info.is_main)
     return _Run(cfg, components, out, info, device, model, train_model, forward, optimizer, scheduler, stream,
@@ -381,8 +384,11 @@ def _step(run: _Run) -> tuple[dict[str, Tensor], float]:
             if t.precision != "fp32":  # losses in fp32
                 preds = {k: v.float() for k, v in preds.items()}
             total, per_task = run.components.loss_fn(preds, batch)
+            aux = _aux_losses(run.model)
+            if aux:
+                total = total + _weigh_aux(run.cfg, aux)
             (total / t.grad_accum).backward()
-        for k, v in {"loss": total, **per_task}.items():
+        for k, v in {"loss": total, **per_task, **{f"aux/{n}": a for n, a in aux.items()}}.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
     _check_finite({k: v for k, v in sums.items() if k != "loss"} or sums, run.step + 1, run.device)
     if t.grad_clip > 0:
@@ -392,6 +398,31 @@ def _step(run: _Run) -> tuple[dict[str, Tensor], float]:
     run.scheduler.step()
     run.step += 1
     return sums, lr
+
+
+def sync_batchnorm(model: nn.Module, enabled: bool, world_size: int) -> nn.Module:
+    """``model`` with every batch norm turned into ``SyncBatchNorm`` when ``enabled`` in a run of
+    ``world_size`` > 1 processes (``train.sync_bn``), else ``model`` itself. The conversion keeps
+    the parameter and buffer tensors (so an optimizer built before stays valid) and the state-dict
+    keys."""
+    if not enabled or world_size <= 1:
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def _aux_losses(model: nn.Module) -> dict[str, Tensor]:
+    """The model's auxiliary losses of the last forward (``MultiTaskModel.aux_losses``), if any."""
+    fn = getattr(model, "aux_losses", None)
+    return dict(fn()) if fn is not None else {}
+
+
+def _weigh_aux(cfg: RecipeConfig, aux: Mapping[str, Tensor]) -> Tensor:
+    """``sum_name weight_name * aux_name`` with the recipe's weights (``loss.load_balancing``)."""
+    weights = {"load_balancing": cfg.loss.load_balancing}
+    unknown = sorted(set(aux) - set(weights))
+    if unknown:
+        raise ValueError(f"the model returns auxiliary losses {unknown} that no recipe key weighs")
+    return torch.stack([weights[n] * v.float() for n, v in aux.items()]).sum()
 
 
 def _gather_rng(info: DistInfo) -> Any:
@@ -502,7 +533,7 @@ def _loop(run: _Run) -> None:
             bar.update(1)
             if _due(t.log_every, step) or (t.log_every and step == t.steps):
                 record = {"kind": "train", "step": step, "lr": lr, "time_s": time.perf_counter() - tic}
-                record.update({f"loss/{k}" if k != "loss" else k: float(v) for k, v in losses.items()})
+                record.update({k if k == "loss" or "/" in k else f"loss/{k}": float(v) for k, v in losses.items()})
                 run.log.write(record)
             if _due(t.ckpt_every, step) or step == t.steps:
                 _checkpoint(run)

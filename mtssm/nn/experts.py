@@ -30,15 +30,19 @@ __all__ = [
 ]
 
 
-def topk_gates(logits: Tensor, k: int, softmax_before_topk: bool = False) -> Tensor:
+def topk_gates(logits: Tensor, k: int, softmax_before_topk: bool = True) -> Tensor:
     """Dense top-k gates from router logits.
 
     Args:
         logits: (B, E) router logits.
         k: number of experts kept per row, 1 <= k <= E.
-        softmax_before_topk: False (default): softmax over the k kept logits, so each row of gates
-            sums to 1. True: softmax over all E logits, then zero the E-k smallest (rows sum to
-            at most 1; the official PAMM PASCAL-Context setting).
+        softmax_before_topk: True (default, PAMM's official gating on both datasets,
+            ``models/transformers/MoE_mamba.py:550-556``): softmax over all E logits, then zero
+            the E-k smallest probabilities without renormalising, so a row sums to at most 1.
+            False: softmax over the k kept logits only, so each row sums to 1 (the
+            ``pre_softmax: True`` branch of PAMM's ``MOEBlock``, ``PAME.py:277-283``, which the
+            published model never runs). Kept as an option for gates whose scale does not depend
+            on the mass of the dropped experts; off in the paper models.
 
     Returns:
         gates: (B, E), zero outside each row's top-k.
@@ -77,16 +81,21 @@ def _uniform_fan_in_(weight: Tensor, fan_in: int) -> None:
 
 
 class LowRankExperts(nn.Module):
-    """E low-rank 1x1 convolutions ``up_e(down_e(x))`` mixed with per-image gates.
+    """E low-rank convolutions ``up_e(down_e(x))`` mixed with per-image gates.
 
-    Each expert is a rank-R factorisation (with biases) of a C_in -> C_out 1x1 conv, initialised
-    like PAMM's ``LoraConv``. All experts run as two batched einsums.
+    Each expert is PAMM's ``LoraConv``: a k x k conv C_in -> R (padding k // 2) then a 1x1 conv
+    R -> C_out, both with biases, initialised as ``LoraConv`` does. All experts run as one
+    convolution (an einsum when k = 1) and one einsum.
 
     Args:
         in_channels: C_in.
         out_channels: C_out.
         num_experts: E.
         rank: R.
+        kernel_size: k of the down projection (odd).
+
+    Parameters: ``down_weight (E, R, C_in, k, k)``, ``down_bias (E, R)``, ``up_weight (E, C_out, R)``,
+    ``up_bias (E, C_out)``.
     """
 
     def __init__(
@@ -95,28 +104,38 @@ class LowRankExperts(nn.Module):
         out_channels: int,
         num_experts: int,
         rank: int,
+        kernel_size: int = 1,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("num_experts", num_experts), ("rank", rank)):
+                            ("num_experts", num_experts), ("rank", rank), ("kernel_size", kernel_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (same-size output), got {kernel_size}")
         fk = {"device": device, "dtype": dtype}
-        self.num_experts, self.rank = num_experts, rank
-        self.down_weight = nn.Parameter(torch.empty(num_experts, rank, in_channels, **fk))
+        self.num_experts, self.rank, self.kernel_size = num_experts, rank, kernel_size
+        k = kernel_size
+        self.down_weight = nn.Parameter(torch.empty(num_experts, rank, in_channels, k, k, **fk))
         self.down_bias = nn.Parameter(torch.zeros(num_experts, rank, **fk))
         self.up_weight = nn.Parameter(torch.empty(num_experts, out_channels, rank, **fk))
         self.up_bias = nn.Parameter(torch.zeros(num_experts, out_channels, **fk))
-        _uniform_fan_in_(self.down_weight, in_channels)
+        _uniform_fan_in_(self.down_weight, in_channels * k * k)
         _uniform_fan_in_(self.up_weight, rank)
 
     def forward(self, x: Tensor, gates: Tensor) -> Tensor:
         """x: (B, C_in, H, W); gates: (B, E) -> (B, C_out, H, W) = sum_e gates[:, e] * expert_e(x)."""
-        h = torch.einsum("bchw,erc->berhw", x, self.down_weight)
-        h = h + self.down_bias[None, :, :, None, None]
+        e, r, k = self.num_experts, self.rank, self.kernel_size
+        if k == 1:
+            h = torch.einsum("bchw,erc->berhw", x, self.down_weight[..., 0, 0])
+            h = h + self.down_bias[None, :, :, None, None]
+        else:
+            w = self.down_weight.reshape(e * r, -1, k, k)
+            h = F.conv2d(x, w, self.down_bias.reshape(-1), padding=k // 2)
+            h = h.unflatten(1, (e, r))
         h = h * gates[:, :, None, None, None]
         out = torch.einsum("berhw,eor->bohw", h, self.up_weight)
         return out + (gates @ self.up_bias)[:, :, None, None]
@@ -190,8 +209,14 @@ class ParameterExperts(nn.Module):
         rank: expert rank R (PAMM: 4 for B and C).
         top_k: experts kept per image (PAMM: 9).
         task_rank: rank of the task path (PAMM: the first expert rank, 4).
-        softmax_before_topk: see :func:`topk_gates` (PAMM: False on NYUDv2, True on PASCAL).
-        noisy_gating: add ``randn * softplus(noise_logits)`` to the gate logits in training.
+        kernel_size: k of the experts' and the task path's down convolution and of the shared
+            path (PAMM's code: 9 for B and C; see :class:`~mtssm.nn.pamm.PAMEBlock`).
+        softmax_before_topk: see :func:`topk_gates` (PAMM: True on both datasets).
+        noisy_gating: add ``randn * scale`` to the gate logits in training, ``scale`` the router's
+            noise output as it is (PAMM, ``MoE_mamba.py:546``; its sign does not change the noise's
+            distribution), or its softplus when ``softplus_noise``.
+        softplus_noise: a softplus noise scale (noisy top-k gating as Shazeer et al. write it: the
+            scale is positive by construction); off in the paper models.
         detach_shared_input: stop the generic path's gradient into the input (PAMM's choice).
         norm_layer: normalisation over C_out channels of (B, C_out, H, W) (PAMM: BatchNorm2d).
     """
@@ -205,9 +230,11 @@ class ParameterExperts(nn.Module):
         rank: int = 4,
         top_k: int = 9,
         task_rank: int = 4,
+        kernel_size: int = 1,
         *,
-        softmax_before_topk: bool = False,
+        softmax_before_topk: bool = True,
         noisy_gating: bool = True,
+        softplus_noise: bool = False,
         detach_shared_input: bool = True,
         norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
         device: torch.device | str | None = None,
@@ -223,14 +250,15 @@ class ParameterExperts(nn.Module):
         self.tasks = tasks
         self.num_experts, self.top_k = num_experts, top_k
         self.softmax_before_topk = softmax_before_topk
-        self.noisy_gating = noisy_gating
+        self.noisy_gating, self.softplus_noise = noisy_gating, softplus_noise
         self.detach_shared_input = detach_shared_input
-        self.experts = LowRankExperts(in_channels, out_channels, num_experts, rank, **fk)
+        k = kernel_size
+        self.experts = LowRankExperts(in_channels, out_channels, num_experts, rank, k, **fk)
         self.routers = nn.ModuleDict({t: TaskRouter(in_channels, num_experts, **fk) for t in tasks})
         self.task_paths = nn.ModuleDict(
-            {t: LowRankExperts(in_channels, out_channels, 1, task_rank, **fk) for t in tasks}
+            {t: LowRankExperts(in_channels, out_channels, 1, task_rank, k, **fk) for t in tasks}
         )
-        self.shared_path = nn.Conv2d(in_channels, out_channels, 1, **fk)
+        self.shared_path = nn.Conv2d(in_channels, out_channels, k, padding=k // 2, **fk)
         self.mix_norms = nn.ModuleDict({t: norm_layer(out_channels, **fk) for t in tasks})
         self.out_norms = nn.ModuleDict({t: norm_layer(out_channels, **fk) for t in tasks})
 
@@ -240,7 +268,8 @@ class ParameterExperts(nn.Module):
         e = self.num_experts
         logits, noise_logits, mix = out[:, :e], out[:, e : 2 * e], out[:, 2 * e :]
         if self.training and self.noisy_gating:
-            logits = logits + torch.randn_like(logits) * F.softplus(noise_logits)
+            scale = F.softplus(noise_logits) if self.softplus_noise else noise_logits
+            logits = logits + torch.randn_like(logits) * scale
         return topk_gates(logits, self.top_k, self.softmax_before_topk), mix
 
     def forward_task(self, task: str, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,12 @@ from torch import Tensor, nn
 
 from mtssm.nn.layers import FinalPatchExpand4x
 
-__all__ = ["ConvHead", "ExpandHead", "LinearHead"]
+__all__ = ["BATCH_NORMS", "ConvHead", "ExpandHead", "LinearHead"]
+
+#: Batch-norm layers a model argument may name (``head_norm="syncbatchnorm"``). ``SyncBatchNorm``
+#: is plain batch norm outside a distributed run and synchronises its statistics across the
+#: processes of one (CUDA only).
+BATCH_NORMS: dict[str, type[nn.Module]] = {"batchnorm": nn.BatchNorm2d, "syncbatchnorm": nn.SyncBatchNorm}
 
 
 class ExpandHead(nn.Module):

@@ -10,6 +10,12 @@ Contract between the parts (``B`` batch, ``H, W`` input size):
 - heads: ``nn.ModuleDict`` ``{task: head}``, ``head((B, C_dec, h, w)) -> (B, C_t, h', w')``.
 - the model resizes each head output to ``(H, W)`` (bilinear): ``{task: (B, C_t, H, W)}``, ``C_t``
   from :mod:`mtssm.nn.tasks`.
+
+Images enter normalised: ``(rgb / 255 - mean) / std`` with the model's own statistics,
+:attr:`MultiTaskModel.input_normalization`, which the data pipeline, ``predict`` and ``export`` read
+from the model. They are metadata, not weights: kept in non-persistent buffers (outside
+``state_dict``, so every weights file loads unchanged) and saved in a checkpoint's metadata
+(:data:`mtssm.nn.pretrained.NORMALIZATION_KEY`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from torch import Tensor, nn
 from mtssm.nn.layers import resize_bilinear
 
 __all__ = ["ExportableModel", "MultiTaskModel", "feature_channels"]
+
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def feature_channels(encoder: nn.Module) -> list[int]:
@@ -41,6 +49,8 @@ class MultiTaskModel(nn.Module):
         decoder: takes the feature list, returns a ``TensorDict`` of per-task features.
         heads: one head per task.
         tasks: task names, or ``{task: C_t}``; must match the heads' keys.
+        normalization: ``(mean, std)`` per RGB channel the inputs are normalised with (ImageNet's
+            by default); see :attr:`input_normalization`.
     """
 
     def __init__(
@@ -49,6 +59,7 @@ class MultiTaskModel(nn.Module):
         decoder: nn.Module,
         heads: nn.ModuleDict,
         tasks: Sequence[str] | Mapping[str, int],
+        normalization: tuple[Sequence[float], Sequence[float]] = _IMAGENET,
     ) -> None:
         super().__init__()
         self.tasks = tuple(tasks)
@@ -61,6 +72,37 @@ class MultiTaskModel(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.heads = heads
+        # float32 on the model's device, outside state_dict (see the module docstring)
+        device = next((p.device for p in self.parameters()), None)
+        self.register_buffer("input_mean", torch.empty(3, device=device), persistent=False)
+        self.register_buffer("input_std", torch.empty(3, device=device), persistent=False)
+        self.set_input_normalization(*normalization)
+
+    @property
+    def input_normalization(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """``(mean, std)`` per RGB channel: inputs are ``(rgb / 255 - mean) / std`` (stored in float32,
+        read back to 7 significant digits, so 0.485 reads 0.485)."""
+        mean = tuple(float(f"{v:.7g}") for v in self.input_mean.tolist())
+        std = tuple(float(f"{v:.7g}") for v in self.input_std.tolist())
+        return mean, std  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Set the ``(mean, std)`` per RGB channel the model expects its inputs normalised with."""
+        mean, std = [float(v) for v in mean], [float(v) for v in std]
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"normalization: expected 3 means and 3 positive stds, got mean={mean}, std={std}")
+        self.input_mean.copy_(torch.tensor(mean))
+        self.input_std.copy_(torch.tensor(std))
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        """Auxiliary training losses of the last forward, by name (``{"load_balancing": ...}`` for
+        a decoder with routed experts; empty otherwise). The trainer adds them to the task loss
+        with the recipe's weights."""
+        aux = getattr(self.decoder, "aux_loss", None)
+        if aux is None or getattr(self.decoder, "last_aux_loss", None) is None:
+            return {}
+        return {"load_balancing": aux()}
 
     def forward_dict(self, images: Tensor) -> dict[str, Tensor]:
         """``images (B, 3, H, W)`` -> plain ``{task: (B, C_t, H, W)}`` (what :meth:`as_exportable` runs)."""

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from mtssm.nn.heads import ConvHead
+from mtssm.nn.heads import BATCH_NORMS, ConvHead
 from mtssm.nn.layers import DropPath
 from mtssm.nn.mtmamba import CTMBlock, MTMambaDecoder
 from mtssm.nn.ss2d import SS2D
@@ -78,16 +78,25 @@ def build_mtmamba_pp(
     tasks: Mapping[str, int],
     cross: str = "sctm",
     head_hidden: int | None = None,
+    head_norm: str = "batchnorm",
     **decoder_kwargs,
 ) -> tuple[MTMambaDecoder, nn.ModuleDict]:
-    """The MTMamba++ decoder (``cross`` = ``"sctm"`` or ``"fctm"``) and its conv heads at stride 4."""
+    """The MTMamba++ decoder (``cross`` = ``"sctm"`` or ``"fctm"``) and its conv heads at stride 4.
+
+    ``head_hidden``: the heads' hidden width (default half the stride-4 channels; the official
+    model hard-codes 96, ``models/MTMamba_plus.py:299``). ``head_norm``: ``"batchnorm"`` or
+    ``"syncbatchnorm"`` (official, ``models/MTMamba_plus.py:300``; plain batch norm outside DDP).
+    """
     if cross not in _PP_CROSS:
         raise ValueError(f"unknown MTMamba++ cross-task block {cross!r}; expected one of {sorted(_PP_CROSS)}")
+    if head_norm not in BATCH_NORMS:
+        raise ValueError(f"head_norm: unknown value {head_norm!r}; expected one of {sorted(BATCH_NORMS)}")
     device, dtype = decoder_kwargs.get("device"), decoder_kwargs.get("dtype")
     decoder = MTMambaDecoder(encoder_channels, list(tasks), cross=_PP_CROSS[cross], **decoder_kwargs)
     heads = nn.ModuleDict(
         {
-            t: ConvHead(decoder.out_channels[t], c, hidden=head_hidden, device=device, dtype=dtype)
+            t: ConvHead(decoder.out_channels[t], c, hidden=head_hidden, norm_layer=BATCH_NORMS[head_norm],
+                        device=device, dtype=dtype)
             for t, c in tasks.items()
         }
     )

@@ -18,8 +18,13 @@ Unlike the public PAMM code, every tensor the forward uses is a registered param
 ``A_log``, ``D``, ``dt`` projections and priors live in ``nn.ParameterDict``/``nn.ModuleDict``):
 they are in ``state_dict``, reach the optimizer, and are synced by DDP.
 
-The routers' load-balancing loss of the last forward is :meth:`PAMMDecoder.aux_loss` (PAMM weighs
-it 0.0005).
+The routers' load-balancing loss of the last forward is :meth:`PAMMDecoder.aux_loss`
+(``MultiTaskModel.aux_losses()["load_balancing"]``); the trainer adds it to the training loss with
+the recipe's ``loss.load_balancing`` weight and logs it. PAMM's configs give it a weight (0.0005 on
+NYUDv2, 0.0001 on PASCAL-Context, ``configs/nyu_PAME.yml:80``, ``configs/pascal_PAME.yml:83``) but its
+code never adds it: ``losses/loss_schemes.py:21`` needs ``route_1_prob`` in the outputs, which
+``PAME.forward`` (``info = {}``, ``PAME.py:157``) and ``PAMEWrapper`` (``PAME_wrapper.py:39-41``) never
+provide; the paper recipes therefore weigh it 0.
 
 Shapes: ``B`` batch, ``C`` channels (``dim``), ``D = expand*C`` scanned channels, ``N`` d_state,
 ``R`` dt_rank, ``E`` experts, ``T`` tasks, ``K`` scan directions (of ``order``); maps are channels-first.
@@ -106,8 +111,13 @@ class PAMEBlock(nn.Module):
         expand: D / C.
         dt_rank: R or ``"auto"`` (``ceil(C/16)``).
         order: scan order name (``"hilbert"``: Multi-Directional Hilbert Scanning) or ``"ss2d"``.
-        num_experts, expert_rank, top_k, task_rank, softmax_before_topk, noisy_gating:
-            :class:`~mtssm.nn.experts.ParameterExperts` settings (PAMM: 15, 4, 9, 4).
+        num_experts, expert_rank, top_k, task_rank, softmax_before_topk, noisy_gating, softplus_noise:
+            :class:`~mtssm.nn.experts.ParameterExperts` settings (PAMM: 15, 4, 9, 4, True, True, False).
+        expert_kernel_size: kernel of the B/C experts' down convolutions, their task paths and their
+            shared path. 9 is what PAMM's code builds and what its published numbers were trained
+            with: ``MoE(p, d_inner, d_state, self.topk, ranklist=...)`` (``MoE_mamba.py:137,141``)
+            passes ``topk`` = 9 in the place of ``kernal`` (``MoE_mamba.py:494``), an argument slip;
+            the paper's text describes 1x1 experts (1 here). The paper models use 9.
         use_priors: add the learned task priors to B and C.
         dt_min, dt_max, dt_init_floor: initial step range (Mamba's).
     """
@@ -125,8 +135,10 @@ class PAMEBlock(nn.Module):
         expert_rank: int = 4,
         top_k: int = 9,
         task_rank: int = 4,
-        softmax_before_topk: bool = False,
+        softmax_before_topk: bool = True,
         noisy_gating: bool = True,
+        softplus_noise: bool = False,
+        expert_kernel_size: int = 9,
         use_priors: bool = True,
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
@@ -168,7 +180,8 @@ class PAMEBlock(nn.Module):
         self.D = nn.ParameterDict({t: nn.Parameter(torch.empty(d, device=device, dtype=torch.float32)) for t in ts})
         experts = {
             "num_experts": num_experts, "rank": expert_rank, "top_k": top_k, "task_rank": task_rank,
-            "softmax_before_topk": softmax_before_topk, "noisy_gating": noisy_gating,
+            "kernel_size": expert_kernel_size, "softmax_before_topk": softmax_before_topk,
+            "noisy_gating": noisy_gating, "softplus_noise": softplus_noise,
         }
         self.B_experts = ParameterExperts(d, d_state, ts, **experts, **fk)
         self.C_experts = ParameterExperts(d, d_state, ts, **experts, **fk)
@@ -255,7 +268,8 @@ class PAMMDecoder(nn.Module):
         upsample: final upsampling factor (the output stride is the first level's stride / upsample).
         norm_layer: normalisation of the fusion mask branch (PAMM: BatchNorm2d).
         **block_kwargs: :class:`PAMEBlock` settings (d_state, expand, dt_rank, order, num_experts,
-            expert_rank, top_k, task_rank, softmax_before_topk, noisy_gating, use_priors).
+            expert_rank, top_k, task_rank, softmax_before_topk, noisy_gating, softplus_noise,
+            expert_kernel_size, use_priors).
     """
 
     def __init__(
@@ -302,7 +316,7 @@ class PAMMDecoder(nn.Module):
 
         Set by every eager or ``torch.compile`` forward (not inside ``torch.export``)::
 
-            preds = model(images); loss = task_loss + 5e-4 * model.decoder.aux_loss()
+            preds = model(images); loss = task_loss + weight * model.decoder.aux_loss()
         """
         if self.last_aux_loss is None:
             raise RuntimeError("PAMMDecoder.aux_loss() needs a forward pass first")

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mtssm.nn import create_model, model_config
 from mtssm.nn.experts import LowRankExperts, ParameterExperts, load_balancing_loss, topk_gates
 from mtssm.nn.pamm import PAMEBlock, PAMMDecoder, build_pamm
 
@@ -32,11 +33,45 @@ def _leaf_tensors(out: torch.Tensor) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------------------------------
 
 
+def test_official_gating_on_a_hand_made_logit_vector():
+    # PAMM's MoE (MoE_mamba.py:550-556): softmax over all 15 logits, the 6 smallest zeroed, the
+    # other 9 kept as they are (not renormalised), on both datasets: the default everywhere.
+    logits = torch.tensor([[3.0, -1.0, 0.5, 2.0, -2.0, 1.0, 0.0, -0.5, 1.5, -3.0, 2.5, -1.5, 0.25, -0.25, 0.75]])
+    probs = torch.exp(logits) / torch.exp(logits).sum()
+    dropped = [1, 4, 7, 9, 11, 13]  # the six smallest: -1, -2, -0.5, -3, -1.5, -0.25
+    expect = probs.clone()
+    expect[0, dropped] = 0.0
+    gates = topk_gates(logits, 9)
+    torch.testing.assert_close(gates, expect, rtol=0, atol=1e-7)
+    assert gates.sum().item() == pytest.approx(1.0 - probs[0, dropped].sum().item(), abs=1e-6)
+    assert gates.sum().item() < 0.99  # no renormalisation
+    for model in ("pamm_vit_large_nyud", "pamm_vit_large_pascal"):
+        assert model_config(model)["softmax_before_topk"] is True
+    pe = ParameterExperts(8, 4, TASKS, num_experts=15, rank=2, top_k=9).eval()
+    assert pe.softmax_before_topk and not pe.softplus_noise
+    x = torch.randn(2, 8, 3, 3)
+    logits_t = pe.routers["semseg"](x)[:, :15]
+    torch.testing.assert_close(pe.route("semseg", x)[0], topk_gates(logits_t, 9, softmax_before_topk=True))
+
+
+def test_official_noise_scale_is_the_router_output_as_it_is():
+    torch.manual_seed(0)
+    pe = ParameterExperts(8, 4, TASKS, num_experts=6, rank=2, top_k=6).train()
+    x = torch.randn(3, 8, 3, 3)
+    out = pe.routers["depth"](x)
+    logits, scale = out[:, :6], out[:, 6:12]
+    torch.manual_seed(1)
+    noise = torch.randn_like(logits)
+    torch.manual_seed(1)
+    gates, _ = pe.route("depth", x)
+    torch.testing.assert_close(gates, (logits + noise * scale).softmax(-1))  # k = E: nothing dropped
+
+
 @pytest.mark.parametrize("k", [1, 3, 6])
-def test_topk_gates_sum_to_one_on_the_top_k(k):
+def test_renormalized_topk_gates_sum_to_one_on_the_top_k(k):
     torch.manual_seed(0)
     logits = torch.randn(5, 6)
-    gates = topk_gates(logits, k)
+    gates = topk_gates(logits, k, softmax_before_topk=False)
     torch.testing.assert_close(gates.sum(-1), torch.ones(5))
     assert ((gates > 0).sum(-1) == k).all()
     kept = gates > 0
@@ -74,14 +109,19 @@ def test_load_balancing_loss_minimum_is_uniform_routing():
     assert load_balancing_loss(skewed).item() > 0.1
 
 
-def test_low_rank_experts_equal_gated_sum_of_convs():
+@pytest.mark.parametrize("kernel_size", [1, 3, 9])
+def test_low_rank_experts_equal_gated_sum_of_convs(kernel_size):
     torch.manual_seed(0)
-    experts = LowRankExperts(6, 3, num_experts=4, rank=2)
+    experts = LowRankExperts(6, 3, num_experts=4, rank=2, kernel_size=kernel_size)
+    assert experts.down_weight.shape == (4, 2, 6, kernel_size, kernel_size)
+    with torch.no_grad():
+        experts.down_bias.normal_()
+        experts.up_bias.normal_()
     x, gates = torch.randn(2, 6, 5, 4), topk_gates(torch.randn(2, 4), 2)
     expect = sum(
         gates[:, e, None, None, None]
         * F.conv2d(
-            F.conv2d(x, experts.down_weight[e, :, :, None, None], experts.down_bias[e]),
+            F.conv2d(x, experts.down_weight[e], experts.down_bias[e], padding=kernel_size // 2),
             experts.up_weight[e, :, :, None, None],
             experts.up_bias[e],
         )
@@ -90,13 +130,29 @@ def test_low_rank_experts_equal_gated_sum_of_convs():
     torch.testing.assert_close(experts(x, gates), expect, atol=1e-5, rtol=1e-4)
 
 
+def test_expert_kernel_size_is_a_model_argument_with_the_official_9():
+    for model in ("pamm_vit_large_nyud", "pamm_vit_large_pascal"):
+        assert model_config(model)["expert_kernel_size"] == 9
+    model = create_model("pamm_vit_large_nyud", device="meta", echo=None)
+    block = model.decoder.blocks[0]
+    d, n = block.d_inner, block.d_state
+    assert block.B_experts.experts.down_weight.shape == (15, 4, d, 9, 9)
+    assert block.C_experts.task_paths["semseg"].down_weight.shape == (1, 4, d, 9, 9)
+    assert block.B_experts.shared_path.weight.shape == (n, d, 9, 9)
+    one = PAMEBlock(8, 16, TASKS, expert_kernel_size=1, **SMALL)
+    assert one.B_experts.shared_path.weight.shape[-2:] == (1, 1)
+    assert one.C_experts.experts.down_weight.shape[-2:] == (1, 1)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        PAMEBlock(8, 16, TASKS, expert_kernel_size=4, **SMALL)
+
+
 def test_parameter_experts_route_per_task_and_compile_without_graph_breaks():
     torch.manual_seed(0)
     pe = ParameterExperts(8, 4, TASKS, num_experts=4, rank=2, top_k=2, task_rank=2).eval()
     xs = {t: torch.randn(2, 8, 3, 5) for t in TASKS}
     outs, gates = pe(xs)
     assert gates.shape == (2, 2, 4) and outs["depth"].shape == (2, 4, 3, 5)
-    torch.testing.assert_close(gates.sum(-1), torch.ones(2, 2))
+    assert (gates.sum(-1) <= 1 + 1e-6).all()  # official gating: the kept softmax mass, not renormalised
     assert ((gates > 0).sum(-1) == 2).all()
     explain = torch._dynamo.explain(pe)(xs)
     assert explain.graph_break_count == 0, explain.break_reasons

@@ -98,7 +98,12 @@ ENCODER_WEIGHTS: dict[str, dict[str, Any]] = {
         checkpoints=("swin_base_patch4_window12_384_22k.pth", "timm swin_base_patch4_window12_384"), **_IMAGENET
     ),
     "swin_large": dict(
-        checkpoints=("swin_large_patch4_window12_384_22k.pth", "timm swin_large_patch4_window12_384"), **_IMAGENET
+        checkpoints=(
+            "swin_large_patch4_window12_384_22kto1k.pth",  # what MTMamba, MTMamba++ and MSM start from
+            "swin_large_patch4_window12_384_22k.pth",
+            "timm swin_large_patch4_window12_384",
+        ),
+        **_IMAGENET,
     ),
     "vit_small": dict(checkpoints=("timm vit_small_patch16_384.augreg_in21k_ft_in1k",), **_INCEPTION),
     "vit_base": dict(checkpoints=("timm vit_base_patch16_384.augreg_in21k_ft_in1k",), **_INCEPTION),
