@@ -63,16 +63,28 @@ def _child(mode: str, folder: Path, iters: int, threads: int) -> None:
     print(json.dumps({"latency": statistics.median(times[1:])}))
 
 
+# Linux keeps the larger of a process's own peak RSS and that of the memory it replaced at exec:
+# a child forked from this process (which holds models, programs and the compiler) would report at
+# least this process's peak. A bare interpreter (``-S``, a few MiB) forks and execs each measured
+# command instead and reports its ``ru_maxrss`` (KiB) on the last line of stderr.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execve(sys.argv[1], sys.argv[1:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write("\\nmaxrss_kib %d\\n" % usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def _run_child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float]:
     """Run ``cmd`` to completion; return (stdout, peak RSS in MiB of that process alone)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    out = proc.stdout.read()  # type: ignore[union-attr]
-    err = proc.stderr.read()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *map(str, cmd)], capture_output=True, env=env)
+    err = proc.stderr.decode(errors="replace")
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... failed:\n{err.decode(errors='replace')[-3000:]}")
-    return out.decode(), usage.ru_maxrss / 1024  # Linux: KiB
+        raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... failed:\n{err[-3000:]}")
+    return proc.stdout.decode(), int(err.rsplit("maxrss_kib", 1)[1]) / 1024
 
 
 def _prepare(name: str, folder: Path, size: tuple[int, int], threads: int, rebuild: bool) -> None:

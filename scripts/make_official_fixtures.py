@@ -26,14 +26,11 @@ image libraries PAMM imports for its visualisations, and ``.cuda()`` / ``cuda:N`
 
 Usage::
 
-    python scripts/make_official_fixtures.py [--official-root DIR] [--out tests/fixtures/official] [--pamm]
+    python scripts/make_official_fixtures.py [--official-root DIR] [--out tests/fixtures/official]
 
-``--pamm`` also writes PAMM's pair (about 8 MB at the smallest widths its GroupNorm(32, .) and
-kernel-size-equals-top-k experts allow). It is not in the repository: mtssm's PAMM departs from
-the official code in its router (attention pooling where PAMM has a Linear(H*W, 1)), its scan
-orders (generalised Hilbert curves where PAMM crops a power-of-two curve) and the input of its
-scan (PAMM discards its local conv's output), so no mtssm model reproduces these outputs yet;
-``tests/nn/test_weights.py`` checks the layout of PAMM's checkpoints instead.
+PAMM's pair also holds, under ``extra``, its task priors (the official code keeps them outside its
+state dict, random at construction) and its Hilbert scan orders (``get_h_order_4``) for a few map
+sizes, including the paper's token grids.
 """
 
 from __future__ import annotations
@@ -381,7 +378,10 @@ PAMM_GRID = (2, 3)  # ViT tokens (H, W): a 32 x 48 image; not square
 PAMM_TASKS = {"semseg": 40, "depth": 1}  # PAMM's MoE reads task "semseg"; two tasks keep the file small
 PAMM_VIT = dict(patch_size=16, embed_dim=32, depth=4, num_heads=2)
 PAMM_DIM = 64  # decoder channels; GroupNorm(32, .) needs a multiple of 32
-PAMM_TOPK = 3  # also the experts' kernel size: the official code passes topk as MoE's `kernal`
+# the config's topk, which the official code passes to the B / C MoEs as their `kernal` (their top-k
+# stays MoE's default 9): 1x1 experts keep the file near 6 MB (3x3 ones make it 8 MB)
+PAMM_TOPK = 1
+PAMM_ORDER_GRIDS = ((2, 3), (5, 8), (7, 7), (28, 36), (32, 32))  # 28x36, 32x32: NYUDv2's and PASCAL's
 
 
 def pamm_config() -> P:
@@ -427,10 +427,14 @@ def make_pamm(root: Path, out: Path) -> None:
             for t in PAMM_TASKS:
                 extra[f"decoder.blocks.{s}.prior_B.{t}"] = block.task_prompt_B[t].detach().clone()
                 extra[f"decoder.blocks.{s}.prior_C.{t}"] = block.task_prompt_C[t].detach().clone()
+        order_h = importlib.import_module("models.transformers.order_h")
+        for h, w in PAMM_ORDER_GRIDS:
+            maps = order_h.get_h_order_4(H=h, W=w)
+            extra[f"orders.{h}x{w}"] = torch.stack([m["ind_2sorted"] for m in maps]).to(torch.int16)
         config = dict(
             encoder_kwargs=dict(img_size=size, class_token=False, **PAMM_VIT), tasks=list(PAMM_TASKS),
-            dataset="nyud", dim=PAMM_DIM, d_state=4, num_experts=15, expert_rank=4, top_k=PAMM_TOPK,
-            task_rank=4, expert_kernel_size=PAMM_TOPK,
+            dataset="nyud", dim=PAMM_DIM, d_state=4, num_experts=15, expert_rank=4, top_k=9,
+            task_rank=4, expert_kernel_size=PAMM_TOPK, router_grid=PAMM_GRID,
         )
         save(out, "pamm", model, x, {t: y[t] for t in PAMM_TASKS}, config, extra)
     finally:
@@ -442,7 +446,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--official-root", type=Path, default=REPO.parent)
     parser.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / "official")
-    parser.add_argument("--pamm", action="store_true", help="also write PAMM's fixture (see the docstring)")
     args = parser.parse_args()
     root = args.official_root.resolve()
     for sub in ("MTMamba", "PAMM", "mmsegmentation/mmseg/models/backbones/swin.py"):
@@ -453,9 +456,8 @@ def main() -> None:
     install_mamba_ssm()
     install_timm()
     make_mtmamba(root, install_mmseg(root / "mmsegmentation"), args.out)
-    if args.pamm:
-        install_pamm_imports()
-        make_pamm(root, args.out)
+    install_pamm_imports()
+    make_pamm(root, args.out)
 
 
 if __name__ == "__main__":

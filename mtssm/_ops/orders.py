@@ -9,8 +9,10 @@ permutation of ``range(L)``.
 - :func:`hilbert_order` / :func:`hilbert_orders`: a generalised Hilbert curve for any ``H x W``
   whose consecutive cells are always 4-neighbours, and PAMM's four rotated variants of it
   (Multi-Directional Hilbert Scanning).
-- :func:`scan_order`: the orders by name (``"ss2d"``, ``"hilbert"``, ``"row"``, ``"col"``,
-  ``"hilbert1"``).
+- :func:`cropped_hilbert_orders`: PAMM's code's four directions, rotations of a power-of-two
+  Hilbert curve cropped to ``H x W`` (what its published models were trained with).
+- :func:`scan_order`: the orders by name (``"ss2d"``, ``"hilbert"``, ``"hilbert_cropped"``,
+  ``"row"``, ``"col"``, ``"hilbert1"``).
 - :func:`invert_order`, :func:`apply_order`, :func:`restore_order`: the inverse permutation,
   gathering a row-major sequence into visit order, and scattering it back.
 - :func:`window_tokenize` / :func:`window_untokenize` (MSM's window tokenisation ``W_s`` and its
@@ -39,6 +41,7 @@ __all__ = [
     "apply_order",
     "channel_merge",
     "channel_split",
+    "cropped_hilbert_orders",
     "hilbert_order",
     "hilbert_orders",
     "invert_order",
@@ -170,6 +173,39 @@ def _hilbert_multi_table(H: int, W: int) -> Tensor:
     return torch.stack(rows)
 
 
+def _hilbert_distances(p: int) -> Tensor:
+    """``(2**p, 2**p)`` LongTensor: entry ``[x, y]`` is the step at which the standard Hilbert curve
+    of the ``2**p x 2**p`` grid visits the cell ``(x, y)`` (the usual ``xy2d`` numbering); the
+    curve starts at ``(0, 0)`` and ends at ``(2**p - 1, 0)``."""
+    n = 1 << p
+    x, y = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    x, y = x.clone(), y.clone()
+    d = torch.zeros_like(x)
+    s = n >> 1
+    while s > 0:
+        rx, ry = (x & s) > 0, (y & s) > 0
+        d += s * s * ((3 * rx.long()) ^ ry.long())
+        x, y = x & (s - 1), y & (s - 1)
+        # the quadrant's curve turned into the standard orientation: reflected when rx and not ry,
+        # transposed when not ry
+        flip = rx & ~ry
+        x, y = torch.where(flip, s - 1 - x, x), torch.where(flip, s - 1 - y, y)
+        x, y = torch.where(ry, x, y), torch.where(ry, y, x)
+        s >>= 1
+    return d
+
+
+def _hilbert_cropped_table(H: int, W: int) -> Tensor:
+    p = (max(H, W) - 1).bit_length()  # the smallest 2**p >= max(H, W)
+    steps = _hilbert_distances(p).t()  # steps[i, j]: the visit step of row i, column j
+    rows = []
+    for k in range(4):
+        # cells visited in the order of their steps on the turned curve; a crop keeps the order
+        # of the remaining cells and skips the others
+        rows.append(torch.rot90(steps, k, dims=(0, 1))[:H, :W].flatten().argsort())
+    return torch.stack(rows)
+
+
 def _row_table(H: int, W: int) -> Tensor:
     return torch.arange(H * W).view(1, -1)
 
@@ -184,10 +220,11 @@ _TABLES: dict[str, Callable[[int, int], Tensor]] = {
     "row": _row_table,
     "col": _col_table,
     "hilbert1": _hilbert_table,
+    "hilbert_cropped": _hilbert_cropped_table,
 }
 
 #: Names accepted by :func:`scan_order`, with the number of directions ``K`` each gives.
-ORDER_NAMES: dict[str, int] = {"ss2d": 4, "hilbert": 4, "row": 1, "col": 1, "hilbert1": 1}
+ORDER_NAMES: dict[str, int] = {"ss2d": 4, "hilbert": 4, "hilbert_cropped": 4, "row": 1, "col": 1, "hilbert1": 1}
 
 
 def _check_name(name: object) -> str:
@@ -274,6 +311,21 @@ def hilbert_orders(H: int, W: int) -> Tensor:
     return _table("hilbert", H, W)
 
 
+def cropped_hilbert_orders(H: int, W: int) -> Tensor:
+    """The four Hilbert scans of PAMM's code: rotations of a power-of-two curve cropped to ``H x W``.
+
+    Returns a LongTensor of shape ``(4, H * W)`` on the CPU. With ``n = 2**p`` the smallest power
+    of two >= ``max(H, W)`` and ``steps`` the visit-step table of the standard Hilbert curve of the
+    ``n x n`` grid as PAMM's ``Horder`` numbers it (``steps[i, j]``: the step of row ``i``, column
+    ``j``; the curve starts at the top-left cell and ends at the top-right one), row ``k`` visits the cells of
+    ``torch.rot90(steps, k)[:H, :W]`` in increasing step order (``models/transformers/order_h.py``,
+    ``get_h_order_4``). Where ``H`` or ``W`` is not a power of two the crop cuts the curve, so
+    consecutive cells of a row need not be neighbours; :func:`hilbert_orders` is the 4-connected
+    alternative. PAMM's published models were trained with these orders.
+    """
+    return _table("hilbert_cropped", H, W)
+
+
 def scan_order(name: str, H: int, W: int) -> Tensor:
     """The stack of scan orders called ``name`` over an ``H x W`` map.
 
@@ -282,6 +334,7 @@ def scan_order(name: str, H: int, W: int) -> Tensor:
 
     - ``"ss2d"`` (K=4): :func:`ss2d_orders`, row-major, column-major and both reversed;
     - ``"hilbert"`` (K=4): :func:`hilbert_orders`, four rotations of a generalised Hilbert curve;
+    - ``"hilbert_cropped"`` (K=4): :func:`cropped_hilbert_orders`, PAMM's code's four orders;
     - ``"row"`` (K=1): row-major; ``"col"`` (K=1): column-major;
     - ``"hilbert1"`` (K=1): the single curve of :func:`hilbert_order`.
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LowRankExperts",
+    "ROUTER_POOLS",
     "TaskRouter",
     "ParameterExperts",
     "topk_gates",
@@ -141,18 +142,34 @@ class LowRankExperts(nn.Module):
         return out + (gates @ self.up_bias)[:, :, None, None]
 
 
+ROUTER_POOLS = ("linear", "attention")
+
+
 class TaskRouter(nn.Module):
     """One task's router: image feature -> (gate logits, noise scale logits, task-path weight).
 
-    PAMM's router pools a channel-reduced feature map globally and adds a spatially pooled
-    descriptor whose pooling weights are a ``Linear(H*W, 1)`` — which ties the model to a single
-    input size. Here the spatial pooling weights come from a 1x1 conv followed by a softmax over
-    positions (attention pooling), which keeps the design and works at any resolution.
+    Two descriptors of ``x``, concatenated and projected to ``2E + 1`` outputs:
+
+    - channel: Conv1x1(C -> hidden), LayerNorm, activation, Linear(hidden -> hidden), mean over
+      positions;
+    - spatial: ``x`` pooled over its positions into (B, C), LayerNorm, activation,
+      Linear(C -> hidden).
+
+    ``pool`` chooses the spatial pooling:
+
+    - ``"linear"`` (PAMM's ``SpatialAtt``, ``models/transformers/MoE_mamba.py:467,482``): learned
+      weights per position and a bias, ``Linear(H*W, 1)``, which ties the router to one input size
+      (``positions = H*W``); the paper models use it.
+    - ``"attention"``: weights from a 1x1 conv followed by a softmax over the positions, so the
+      router works at any input size (an mtssm option, e.g. for a model evaluated on images of
+      another size than it was trained on).
 
     Args:
         in_channels: C of the routed feature.
         num_experts: E.
-        hidden: width of each descriptor (default ``max(in_channels // 4, 8)``).
+        hidden: width of each descriptor (default ``max(in_channels // 4, 8)``; PAMM: C // 4).
+        pool: ``"linear"`` or ``"attention"``.
+        positions: H*W of the routed feature (``pool="linear"`` only).
 
     Forward: x (B, C, H, W) -> (B, 2E + 1): E gate logits, E noise-scale logits, 1 task-path weight.
     """
@@ -163,17 +180,27 @@ class TaskRouter(nn.Module):
         num_experts: int,
         hidden: int | None = None,
         *,
+        pool: str = "attention",
+        positions: int | None = None,
         act_layer: Callable[[], nn.Module] = nn.GELU,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if pool not in ROUTER_POOLS:
+            raise ValueError(f"router pool must be one of {ROUTER_POOLS}, got {pool!r}")
+        if pool == "linear" and not (isinstance(positions, int) and positions >= 1):
+            raise ValueError(f"a 'linear' router pool needs positions = H*W of its feature map, got {positions!r}")
         fk = {"device": device, "dtype": dtype}
         hidden = hidden or max(in_channels // 4, 8)
+        self.pool, self.positions = pool, positions if pool == "linear" else None
         self.channel_proj = nn.Conv2d(in_channels, hidden, 1, **fk)
         self.channel_norm = nn.LayerNorm(hidden, **fk)
         self.channel_out = nn.Linear(hidden, hidden, **fk)
-        self.spatial_logits = nn.Conv2d(in_channels, 1, 1, **fk)
+        if pool == "linear":
+            self.spatial_pool = nn.Linear(positions, 1, **fk)
+        else:
+            self.spatial_logits = nn.Conv2d(in_channels, 1, 1, **fk)
         self.spatial_norm = nn.LayerNorm(in_channels, **fk)
         self.spatial_out = nn.Linear(in_channels, hidden, **fk)
         self.act = act_layer()
@@ -182,8 +209,17 @@ class TaskRouter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         feat = self.channel_proj(x).permute(0, 2, 3, 1)  # (B, H, W, hidden)
         feat = self.channel_out(self.act(self.channel_norm(feat))).mean(dim=(1, 2))  # (B, hidden)
-        attn = self.spatial_logits(x).flatten(2).softmax(dim=-1)  # (B, 1, HW)
-        pooled = torch.einsum("bcl,bl->bc", x.flatten(2), attn[:, 0])  # (B, C)
+        if self.pool == "linear":
+            if x.shape[2] * x.shape[3] != self.positions:
+                raise ValueError(
+                    f"TaskRouter: built for feature maps of {self.positions} positions (PAMM's Linear(H*W, 1) "
+                    f"pooling), got {x.shape[2]}x{x.shape[3]}; run at the model's input size, or build it "
+                    f"with router_pool='attention' for any size"
+                )
+            pooled = self.spatial_pool(x.flatten(2))[..., 0]  # (B, C)
+        else:
+            attn = self.spatial_logits(x).flatten(2).softmax(dim=-1)  # (B, 1, HW)
+            pooled = torch.einsum("bcl,bl->bc", x.flatten(2), attn[:, 0])  # (B, C)
         pooled = self.spatial_out(self.act(self.spatial_norm(pooled)))  # (B, hidden)
         return self.head(torch.cat([feat, pooled], dim=-1))
 
@@ -218,6 +254,8 @@ class ParameterExperts(nn.Module):
         softplus_noise: a softplus noise scale (noisy top-k gating as Shazeer et al. write it: the
             scale is positive by construction); off in the paper models.
         detach_shared_input: stop the generic path's gradient into the input (PAMM's choice).
+        router_pool, router_positions: the routers' spatial pooling and H*W of the routed feature
+            (see :class:`TaskRouter`).
         norm_layer: normalisation over C_out channels of (B, C_out, H, W) (PAMM: BatchNorm2d).
     """
 
@@ -236,6 +274,8 @@ class ParameterExperts(nn.Module):
         noisy_gating: bool = True,
         softplus_noise: bool = False,
         detach_shared_input: bool = True,
+        router_pool: str = "attention",
+        router_positions: int | None = None,
         norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -254,7 +294,9 @@ class ParameterExperts(nn.Module):
         self.detach_shared_input = detach_shared_input
         k = kernel_size
         self.experts = LowRankExperts(in_channels, out_channels, num_experts, rank, k, **fk)
-        self.routers = nn.ModuleDict({t: TaskRouter(in_channels, num_experts, **fk) for t in tasks})
+        self.routers = nn.ModuleDict(
+            {t: TaskRouter(in_channels, num_experts, pool=router_pool, positions=router_positions, **fk) for t in tasks}
+        )
         self.task_paths = nn.ModuleDict(
             {t: LowRankExperts(in_channels, out_channels, 1, task_rank, k, **fk) for t in tasks}
         )

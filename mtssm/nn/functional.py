@@ -9,7 +9,7 @@ Scans:
 
 Orders (row-major index tables of shape (K, H*W)):
 - :func:`scan_order`, :func:`ss2d_orders`, :func:`hilbert_order`, :func:`hilbert_orders`,
-  :func:`invert_order`, :func:`apply_order`, :func:`restore_order`.
+  :func:`cropped_hilbert_orders`, :func:`invert_order`, :func:`apply_order`, :func:`restore_order`.
 - MSM's window tokenisation :func:`window_tokenize` / :func:`window_untokenize` and channel split
   :func:`channel_split` / :func:`channel_merge`.
 """
@@ -18,6 +18,7 @@ from mtssm._ops.orders import (
     apply_order,
     channel_merge,
     channel_split,
+    cropped_hilbert_orders,
     hilbert_order,
     hilbert_orders,
     invert_order,
@@ -36,6 +37,7 @@ __all__ = [
     "ss2d_orders",
     "hilbert_order",
     "hilbert_orders",
+    "cropped_hilbert_orders",
     "invert_order",
     "apply_order",
     "restore_order",

@@ -6,17 +6,31 @@ PAMM (Yu et al.) decodes each of four ViT-L/16 feature levels with a Parameter A
 - :class:`PAMEBlock`: shared 3x3 conv + GroupNorm, then per task a 3x3 task conv and a Mamba
   layer whose selective scan takes its ``B`` and ``C`` from :class:`~mtssm.nn.experts.
   ParameterExperts` (a routed mixture of low-rank experts shared by all tasks, plus a task path),
-  adds learned task priors to ``B`` and ``C``, has its own ``A``, ``D`` and step projection per
-  task, and scans in the four Multi-Directional Hilbert orders (``order="hilbert"``), gated by a
-  SiLU branch and added to the input.
+  adds task priors to ``B`` and ``C``, has its own ``A``, ``D`` and step projection per task, and
+  scans in the four Multi-Directional Hilbert orders, gated by a SiLU branch and added to the
+  input.
 - :class:`PAMMDecoder`: one PAME block per level; per task a softmax mask over the levels
   (Conv1x1 + BN + GELU + Conv3x3) weights them, and the sum is upsampled (4x for ViT) to stride 4.
 - :func:`build_pamm`: the decoder and its heads (Conv3x3 + BN + GELU, Conv1x1, as PAMM's
   ``ConvHead``).
 
-Unlike the public PAMM code, every tensor the forward uses is a registered parameter (per-task
-``A_log``, ``D``, ``dt`` projections and priors live in ``nn.ParameterDict``/``nn.ModuleDict``):
-they are in ``state_dict``, reach the optimizer, and are synced by DDP.
+The defaults are what PAMM's code (CQC-gogopro/PAMM, ``models/transformers/MoE_mamba.py``)
+computes; where it departs from the paper's text or where mtssm offers more, the choice is an
+argument (the paper models keep the official value):
+
+- ``scan_input``: ``"silu"`` (official: the scan reads ``SiLU(GN(x_t))``; the code computes a
+  conv of it and discards the result, ``MoE_mamba.py:238-243``) or ``"dwconv"`` (the paper's
+  Fig. 3: a depthwise-separable conv first).
+- ``order``: ``"hilbert_cropped"`` (official: a power-of-two Hilbert curve cropped to the map,
+  ``order_h.py``), ``"hilbert"`` (4-connected generalised curves) or ``"ss2d"``.
+- ``router_pool``: ``"linear"`` (official ``Linear(H*W, 1)``; fixes the input size) or
+  ``"attention"`` (any size); see :class:`~mtssm.nn.experts.TaskRouter`.
+- ``train_scan_constants``: the official code keeps ``A_log``, ``D`` (``MoE_mamba.py:123-124``)
+  and the task priors (``:66-75``) in plain dicts, so its optimizer never updates them: ``A`` and
+  ``D`` stay at Mamba's initial values and the priors at random values drawn at construction.
+  ``False`` (official) keeps them fixed too; unlike the official code they are registered
+  (``requires_grad=False``), so checkpoints hold them and an evaluation sees the priors the model
+  was trained with. ``True`` trains them.
 
 The routers' load-balancing loss of the last forward is :meth:`PAMMDecoder.aux_loss`
 (``MultiTaskModel.aux_losses()["load_balancing"]``); the trainer adds it to the training loss with
@@ -94,14 +108,13 @@ class PAMEBlock(nn.Module):
         f     = GN(Conv3x3(x))                                   # shared
         x_t   = TaskConv3x3_t(f);  h = GN_t(x_t)
         z     = SiLU(Conv1x1_t(h))                               # gate
-        u     = Conv1x1_t(DWConv_t(h))                           # (B, D, H, W)
+        u     = Conv1x1_t(SiLU(h))  or  Conv1x1_t(DWConv_t(h))   # (B, D, H, W), see scan_input
         delta = dt_proj_t(x2dt_t(u));  B = experts_B(u, t) + prior_B_t;  C = experts_C(u, t) + prior_C_t
         y     = selective_scan_2d(u, delta, -exp(A_log_t), B, C, D_t, dt_bias_t, order)  # K orders
         out_t = x_t + Conv1x1_t(y) * z
 
-    The same ``delta, B, C, A_t, D_t`` serve the four directions, as in PAMM. ``DWConv_t`` is the
-    paper's depthwise-separable conv (Fig. 3); the public code computes a conv here but discards
-    its output (``act(task_fea)`` replaces it), which leaves those weights without gradients.
+    The same ``delta, B, C, A_t, D_t`` serve the four directions, as in PAMM. GroupNorms have 32
+    groups at PAMM's widths (the official ``GroupNorm(32, C)``; fewer below 64 channels).
 
     Args:
         in_dim: encoder channels C_in of this level.
@@ -110,7 +123,7 @@ class PAMEBlock(nn.Module):
         d_state: N (PAMM: 16 on NYUDv2, 64 on PASCAL-Context).
         expand: D / C.
         dt_rank: R or ``"auto"`` (``ceil(C/16)``).
-        order: scan order name (``"hilbert"``: Multi-Directional Hilbert Scanning) or ``"ss2d"``.
+        order: scan orders, 4 directions: ``"hilbert_cropped"`` (official), ``"hilbert"`` or ``"ss2d"``.
         num_experts, expert_rank, top_k, task_rank, softmax_before_topk, noisy_gating, softplus_noise:
             :class:`~mtssm.nn.experts.ParameterExperts` settings (PAMM: 15, 4, 9, 4, True, True, False).
         expert_kernel_size: kernel of the B/C experts' down convolutions, their task paths and their
@@ -118,7 +131,11 @@ class PAMEBlock(nn.Module):
             with: ``MoE(p, d_inner, d_state, self.topk, ranklist=...)`` (``MoE_mamba.py:137,141``)
             passes ``topk`` = 9 in the place of ``kernal`` (``MoE_mamba.py:494``), an argument slip;
             the paper's text describes 1x1 experts (1 here). The paper models use 9.
-        use_priors: add the learned task priors to B and C.
+        use_priors: add the task priors to B and C.
+        scan_input: ``"silu"`` (official) or ``"dwconv"`` (the paper's figure); see the module docstring.
+        router_pool: the routers' spatial pooling, ``"linear"`` (official) or ``"attention"``.
+        router_grid: ``(H, W)`` of this block's feature map, needed by ``router_pool="linear"``.
+        train_scan_constants: train ``A_log``, ``D`` and the priors (``False``: fixed, as officially).
         dt_min, dt_max, dt_init_floor: initial step range (Mamba's).
     """
 
@@ -130,7 +147,7 @@ class PAMEBlock(nn.Module):
         d_state: int = 16,
         expand: float = 2,
         dt_rank: int | str = "auto",
-        order: str = "hilbert",
+        order: str = "hilbert_cropped",
         num_experts: int = 15,
         expert_rank: int = 4,
         top_k: int = 9,
@@ -140,6 +157,10 @@ class PAMEBlock(nn.Module):
         softplus_noise: bool = False,
         expert_kernel_size: int = 9,
         use_priors: bool = True,
+        scan_input: str = "silu",
+        router_pool: str = "linear",
+        router_grid: tuple[int, int] | None = None,
+        train_scan_constants: bool = False,
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
@@ -153,15 +174,19 @@ class PAMEBlock(nn.Module):
             raise ValueError("tasks must name at least one task")
         if dt_rank != "auto" and not (isinstance(dt_rank, int) and dt_rank > 0):
             raise ValueError(f"dt_rank must be a positive int or 'auto', got {dt_rank!r}")
-        if order not in ("hilbert", "ss2d"):
-            raise ValueError(f"order must be 'hilbert' or 'ss2d' (4 directions), got {order!r}")
+        if order not in ("hilbert_cropped", "hilbert", "ss2d"):
+            raise ValueError(f"order must be 'hilbert_cropped', 'hilbert' or 'ss2d' (4 directions), got {order!r}")
+        if scan_input not in ("silu", "dwconv"):
+            raise ValueError(f"scan_input must be 'silu' or 'dwconv', got {scan_input!r}")
+        if router_pool == "linear" and router_grid is None:
+            raise ValueError("router_pool='linear' (PAMM's router) needs router_grid=(H, W) of the block's feature map")
         check_dt_range(dt_min, dt_max)
         fk = {"device": device, "dtype": dtype}
         self.in_dim, self.dim, self.d_state, self.order = in_dim, dim, d_state, order
         self.K = num_directions(order)
         self.d_inner = d = int(expand * dim)
         self.dt_rank = r = math.ceil(dim / 16) if dt_rank == "auto" else dt_rank
-        self.use_priors = use_priors
+        self.use_priors, self.scan_input = use_priors, scan_input
         groups = _group_count(dim)
         ts = self.tasks
 
@@ -170,7 +195,8 @@ class PAMEBlock(nn.Module):
         self.task_conv = nn.ModuleDict({t: nn.Conv2d(dim, dim, 3, padding=1, **fk) for t in ts})
         self.task_norm = nn.ModuleDict({t: nn.GroupNorm(groups, dim, **fk) for t in ts})
         self.gate_proj = nn.ModuleDict({t: nn.Conv2d(dim, dim, 1, **fk) for t in ts})
-        self.local_conv = nn.ModuleDict({t: DWConv(dim, dim, **fk) for t in ts})
+        if scan_input == "dwconv":
+            self.local_conv = nn.ModuleDict({t: DWConv(dim, dim, **fk) for t in ts})
         self.in_proj = nn.ModuleDict({t: nn.Conv2d(dim, d, 1, **fk) for t in ts})
         self.x2dt = nn.ModuleDict({t: nn.Linear(d, r, bias=False, **fk) for t in ts})
         self.dt_proj = nn.ModuleDict({t: nn.Linear(r, d, **fk) for t in ts})
@@ -181,7 +207,8 @@ class PAMEBlock(nn.Module):
         experts = {
             "num_experts": num_experts, "rank": expert_rank, "top_k": top_k, "task_rank": task_rank,
             "kernel_size": expert_kernel_size, "softmax_before_topk": softmax_before_topk,
-            "noisy_gating": noisy_gating, "softplus_noise": softplus_noise,
+            "noisy_gating": noisy_gating, "softplus_noise": softplus_noise, "router_pool": router_pool,
+            "router_positions": router_grid[0] * router_grid[1] if router_grid is not None else None,
         }
         self.B_experts = ParameterExperts(d, d_state, ts, **experts, **fk)
         self.C_experts = ParameterExperts(d, d_state, ts, **experts, **fk)
@@ -192,6 +219,10 @@ class PAMEBlock(nn.Module):
         self.act = nn.SiLU()
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.reset_ssm_parameters()
+        if not train_scan_constants:
+            constants = [self.A_log, self.D] + ([self.prior_B, self.prior_C] if use_priors else [])
+            for p in (p for group in constants for p in group.values()):
+                p.requires_grad_(False)
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
@@ -236,7 +267,7 @@ class PAMEBlock(nn.Module):
             xt = self.task_conv[t](f)
             h = self.task_norm[t](xt)
             z = self.act(self.gate_proj[t](h))
-            u = self.in_proj[t](self.local_conv[t](h))
+            u = self.in_proj[t](self.local_conv[t](h) if self.scan_input == "dwconv" else self.act(h))
             B, gb = self.B_experts.forward_task(t, u)
             C, gc = self.C_experts.forward_task(t, u)
             if self.use_priors:
@@ -247,6 +278,18 @@ class PAMEBlock(nn.Module):
             gates_b.append(gb)
             gates_c.append(gc)
         return out, torch.stack([torch.stack(gates_b), torch.stack(gates_c)])
+
+
+def _level_grids(grid: Sequence | None, levels: int) -> list[tuple[int, int] | None]:
+    """One ``(H, W)`` (or None) per level from a single pair or a list of ``levels`` pairs."""
+    if grid is None:
+        return [None] * levels
+    grid = list(grid)
+    if len(grid) == 2 and all(isinstance(v, int) for v in grid):
+        return [(grid[0], grid[1])] * levels
+    if len(grid) == levels and all(len(g) == 2 for g in grid):
+        return [(int(g[0]), int(g[1])) for g in grid]
+    raise ValueError(f"router_grid must be (H, W) or {levels} such pairs, got {grid!r}")
 
 
 class PAMMDecoder(nn.Module):
@@ -267,9 +310,11 @@ class PAMMDecoder(nn.Module):
         dim: decoder channels C.
         upsample: final upsampling factor (the output stride is the first level's stride / upsample).
         norm_layer: normalisation of the fusion mask branch (PAMM: BatchNorm2d).
+        router_grid: ``(H, W)`` of the encoder levels (PAMM: the ViT's token grid, the same for all
+            four), for ``router_pool="linear"``; or one ``(H, W)`` per level.
         **block_kwargs: :class:`PAMEBlock` settings (d_state, expand, dt_rank, order, num_experts,
             expert_rank, top_k, task_rank, softmax_before_topk, noisy_gating, softplus_noise,
-            expert_kernel_size, use_priors).
+            expert_kernel_size, use_priors, scan_input, router_pool, train_scan_constants).
     """
 
     def __init__(
@@ -279,6 +324,7 @@ class PAMMDecoder(nn.Module):
         dim: int = 768,
         upsample: int = 4,
         norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+        router_grid: Sequence[int] | Sequence[Sequence[int]] | None = None,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -296,7 +342,10 @@ class PAMMDecoder(nn.Module):
             raise ValueError("tasks must name at least one task")
         self.dim, self.upsample = dim, upsample
         n = len(self.in_channels)
-        self.blocks = nn.ModuleList(PAMEBlock(c, dim, self.tasks, **block_kwargs, **fk) for c in self.in_channels)
+        grids = _level_grids(router_grid, n)
+        self.blocks = nn.ModuleList(
+            PAMEBlock(c, dim, self.tasks, router_grid=g, **block_kwargs, **fk) for c, g in zip(self.in_channels, grids)
+        )
         self.fusion = nn.ModuleDict(
             {
                 t: nn.Sequential(

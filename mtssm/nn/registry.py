@@ -72,14 +72,18 @@ _SWIN_L = {
 _PP_HEADS = {"cross": "sctm", "head_hidden": 96, "head_norm": "syncbatchnorm"}
 # PAMM as CQC-gogopro/PAMM builds it: ViT-L/16 with drop_path_rate=0.15 (utils/common_config.py:22);
 # 15 experts of rank 4 for B and C (models/transformers/MoE_mamba.py:137,141; PAME.py:130), the task
-# path's rank the first expert rank, 4 (MoE_mamba.py:523-525); top 9 (configs/nyu_PAME.yml:62,
-# configs/pascal_PAME.yml:64); softmax over all experts, the 6 smallest zeroed, no renormalisation,
-# on both datasets (MoE_mamba.py:550-556: the configs' pre_softmax is read only by PAME.py's unused
-# MOEBlock, PAME.py:258); 9x9 expert convolutions (MoE_mamba.py:137,141 pass topk=9 as `kernal`,
-# MoE_mamba.py:494; see mtssm.nn.pamm.PAMEBlock).
+# path's rank the first expert rank, 4 (MoE_mamba.py:523-525); top 9, MoE's default topk
+# (MoE_mamba.py:494: the B / C MoEs never pass it); softmax over all experts, the 6 smallest
+# zeroed, no renormalisation, on both datasets (MoE_mamba.py:550-556: the configs' pre_softmax is
+# read only by PAME.py's unused MOEBlock, PAME.py:258); 9x9 expert convolutions: the configs'
+# topk: 9 (configs/nyu_PAME.yml:62, configs/pascal_PAME.yml:64) reaches MoE as its `kernal`
+# (MoE_mamba.py:137,141 pass it positionally; see mtssm.nn.pamm.PAMEBlock). The rest of mtssm.nn.pamm's defaults are the
+# official code's: the scan reads SiLU(GN(x)), cropped power-of-two Hilbert orders (Scan: h,
+# configs/nyu_PAME.yml:53), fixed A, D and priors, and routers pooling with Linear(H*W, 1) over
+# the ViT's token grid at the training crop (utils/common_config.py:22 builds the ViT at
+# img_size=p.TRAIN.SCALE; H, W = 28, 36 at configs/nyu_PAME.yml:13-14). Its ViT has no class
+# token (PAME.py:151 adds pos_embed[:, 1:] to the patches only).
 _PAMM = {
-    "encoder": "vit_large",
-    "encoder_kwargs": {"drop_path_rate": 0.15},
     "decoder": "pamm",
     "num_experts": 15,
     "expert_rank": 4,
@@ -88,6 +92,17 @@ _PAMM = {
     "expert_kernel_size": 9,
     "softmax_before_topk": True,
 }
+
+
+def _pamm_vit(crop: tuple[int, int]) -> dict[str, Any]:
+    """PAMM's ViT-L/16 built for its training crop (H, W) and the routers' token grid."""
+    return {
+        "encoder": "vit_large",
+        "encoder_kwargs": {"drop_path_rate": 0.15, "img_size": crop, "class_token": False},
+        "router_grid": (crop[0] // 16, crop[1] // 16),
+    }
+
+
 _TINY = {
     "encoder": "cnn_tiny",
     "encoder_kwargs": {"channels": (16, 32, 64, 128)},
@@ -120,12 +135,13 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "msm_tiny": {**_TINY, "decoder": "msm", "scales": "1-4"},
     # PAMM: ViT-L/16 encoder, 4 PAME blocks. Width and state size per dataset:
     # configs/nyu_PAME.yml:58,64 (768, 16) and configs/pascal_PAME.yml:59,66 (1024, 64).
-    "pamm_vit_large_nyud": {**_PAMM, "dataset": "nyud", "dim": 768, "d_state": 16},
-    "pamm_vit_large_pascal": {**_PAMM, "dataset": "pascal", "dim": 1024, "d_state": 64},
+    "pamm_vit_large_nyud": {**_PAMM, **_pamm_vit((448, 576)), "dataset": "nyud", "dim": 768, "d_state": 16},
+    "pamm_vit_large_pascal": {**_PAMM, **_pamm_vit((512, 512)), "dataset": "pascal", "dim": 1024, "d_state": 64},
+    # at any input size: attention-pooling routers (mtssm.nn.experts.TaskRouter)
     "pamm_tiny": {
         "encoder": "cnn_tiny", "encoder_kwargs": {"channels": (16, 32, 64, 128)}, "decoder": "pamm",
         "dataset": "nyud", "dim": 32, "d_state": 4, "num_experts": 4, "expert_rank": 2, "top_k": 2,
-        "task_rank": 2, "expert_kernel_size": 3, "upsample": 1,
+        "task_rank": 2, "expert_kernel_size": 3, "upsample": 1, "router_pool": "attention",
     },
 }
 

@@ -58,3 +58,29 @@ def test_official_mtmamba_outputs(name, registered):
     assert any(k.startswith("module.final_project.") for k in enc_report.ignored)
     for key, value in encoder.state_dict().items():
         torch.testing.assert_close(value, model.encoder.state_dict()[key], rtol=0, atol=0, msg=key)
+
+
+def test_official_pamm_outputs():
+    path, io = official("pamm")
+    model = create_model("pamm_vit_large_nyud", **io["config"]).eval()
+    report = load_model_weights(model, path)
+    assert report.ok and report.layout == "pamm-official", report.summary()
+    assert (report.mean, report.std) == IMAGENET
+    assert not report.missing and not report.unexpected
+    # the official code never saves A_log and D (set to their constant initial values) nor its task
+    # priors (random at construction): the fixture recorded the priors its outputs were computed with
+    priors = {k: v for k, v in io["extra"].items() if ".prior_" in k}
+    assert sorted(report.absent) == sorted(priors) and len(report.defaults) == len(priors)
+    missing, unexpected = model.load_state_dict(priors, strict=False)
+    assert not unexpected
+    assert_outputs_match(model, io)
+
+
+@pytest.mark.parametrize("grid", ["2x3", "5x8", "7x7", "28x36", "32x32"])
+def test_pamm_cropped_hilbert_orders_are_the_official_ones(grid):
+    from mtssm.nn.functional import scan_order
+
+    _, io = official("pamm")
+    h, w = map(int, grid.split("x"))
+    expect = io["extra"][f"orders.{grid}"].long()
+    assert torch.equal(scan_order("hilbert_cropped", h, w), expect)

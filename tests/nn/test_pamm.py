@@ -11,7 +11,8 @@ from mtssm.nn.experts import LowRankExperts, ParameterExperts, load_balancing_lo
 from mtssm.nn.pamm import PAMEBlock, PAMMDecoder, build_pamm
 
 TASKS = ("semseg", "depth")
-SMALL = {"d_state": 4, "num_experts": 4, "expert_rank": 2, "top_k": 2, "task_rank": 2}
+# attention-pooling routers: blocks run at any size (the official Linear(H*W, 1) pooling has its own tests)
+SMALL = {"d_state": 4, "num_experts": 4, "expert_rank": 2, "top_k": 2, "task_rank": 2, "router_pool": "attention"}
 
 
 def _leaf_tensors(out: torch.Tensor) -> list[torch.Tensor]:
@@ -178,7 +179,7 @@ def test_noisy_gating_only_in_training():
 
 def test_every_tensor_the_forward_trains_is_a_registered_parameter():
     torch.manual_seed(0)
-    dec, heads = build_pamm([8, 8, 8, 8], {"semseg": 40, "depth": 1}, dim=16, **SMALL)
+    dec, heads = build_pamm([8, 8, 8, 8], {"semseg": 40, "depth": 1}, dim=16, train_scan_constants=True, **SMALL)
     model = torch.nn.ModuleDict({"decoder": dec, "heads": heads}).train()
     feats = [torch.randn(2, 8, 4, 6) for _ in range(4)]
     out = dec(feats)
@@ -196,6 +197,70 @@ def test_every_tensor_the_forward_trains_is_a_registered_parameter():
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not no_grad, f"parameters without a finite gradient: {no_grad}"
+
+
+def test_scan_constants_stay_fixed_as_in_the_official_code_unless_asked_to_train():
+    # MoE_mamba.py keeps A_log, D and the priors in plain dicts: never optimised. mtssm keeps them
+    # fixed by default, but registered, so checkpoints hold the priors the model was trained with.
+    torch.manual_seed(0)
+    for train_constants in (False, True):
+        block = PAMEBlock(6, 16, TASKS, train_scan_constants=train_constants, **SMALL).train()
+        constants = {f"{name}.{t}": getattr(block, name)[t] for name in ("A_log", "D", "prior_B", "prior_C") for t in TASKS}
+        assert set(constants) <= set(block.state_dict())
+        before = {k: v.detach().clone() for k, v in constants.items()}
+        opt = torch.optim.SGD([p for p in block.parameters() if p.requires_grad], lr=0.1)
+        out, _ = block(torch.randn(2, 6, 4, 5))
+        sum(v.square().mean() for v in out.values()).backward()
+        opt.step()
+        moved = {k for k, v in constants.items() if not torch.equal(v, before[k])}
+        assert moved == (set(constants) if train_constants else set())
+        assert all(v.requires_grad is train_constants for v in constants.values())
+
+
+def test_official_router_pools_with_a_linear_over_the_positions_of_its_grid():
+    torch.manual_seed(0)
+    block = PAMEBlock(6, 16, TASKS, router_grid=(3, 5), **{**SMALL, "router_pool": "linear"}).eval()
+    router = block.B_experts.routers["semseg"]
+    assert router.spatial_pool.weight.shape == (1, 15) and not hasattr(router, "spatial_logits")
+    x = torch.randn(2, 32, 3, 5)
+    pooled = router.spatial_pool.weight[0] @ x.flatten(2).transpose(1, 2) + router.spatial_pool.bias
+    feat = router.channel_out(router.act(router.channel_norm(router.channel_proj(x).permute(0, 2, 3, 1)))).mean((1, 2))
+    expect = router.head(torch.cat([feat, router.spatial_out(router.act(router.spatial_norm(pooled)))], dim=-1))
+    torch.testing.assert_close(router(x), expect)
+    out, _ = block(torch.randn(1, 6, 3, 5))
+    assert out["depth"].shape == (1, 16, 3, 5)
+    with pytest.raises(ValueError, match=r"built for feature maps of 15 positions .* got 4x4") as err:
+        block(torch.randn(1, 6, 4, 4))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"needs router_grid=\(H, W\)"):
+        PAMEBlock(6, 16, TASKS, **{**SMALL, "router_pool": "linear"})
+
+
+def test_paper_models_follow_the_official_block():
+    for name, grid in (("pamm_vit_large_nyud", (28, 36)), ("pamm_vit_large_pascal", (32, 32))):
+        cfg = model_config(name)
+        assert cfg["router_grid"] == grid
+        assert cfg["encoder_kwargs"]["img_size"] == (grid[0] * 16, grid[1] * 16)
+        assert cfg["encoder_kwargs"]["class_token"] is False
+    model = create_model("pamm_vit_large_nyud", device="meta", echo=None)
+    block = model.decoder.blocks[3]
+    assert block.order == "hilbert_cropped" and block.scan_input == "silu" and not hasattr(block, "local_conv")
+    assert block.B_experts.routers["depth"].spatial_pool.in_features == 28 * 36
+    assert not block.A_log["semseg"].requires_grad and not block.prior_B["edge"].requires_grad
+    assert model.encoder.cls_token is None and model.encoder.grid_size == (28, 36)
+
+
+def test_scan_input_is_silu_of_the_normalised_feature_or_the_papers_dwconv():
+    torch.manual_seed(0)
+    official = PAMEBlock(6, 16, TASKS, **SMALL).eval()
+    paper = PAMEBlock(6, 16, TASKS, scan_input="dwconv", **SMALL).eval()
+    assert not hasattr(official, "local_conv") and set(paper.local_conv) == set(TASKS)
+    missing, unexpected = paper.load_state_dict(official.state_dict(), strict=False)
+    assert missing and all(k.startswith("local_conv.") for k in missing) and not unexpected
+    x = torch.randn(1, 6, 4, 5)
+    assert not torch.allclose(official(x)[0]["semseg"], paper(x)[0]["semseg"])
+    with pytest.raises(ValueError, match="scan_input must be 'silu' or 'dwconv'"):
+        PAMEBlock(6, 16, TASKS, scan_input="conv", **SMALL)
 
 
 def test_pame_block_per_task_ssm_parameters_and_priors():
@@ -228,7 +293,7 @@ def test_decoder_fuses_levels_of_different_sizes_and_upsamples():
 
 def test_errors_are_one_line():
     cases = [
-        (lambda: PAMEBlock(4, 8, TASKS, order="zigzag"), "order must be 'hilbert' or 'ss2d'"),
+        (lambda: PAMEBlock(4, 8, TASKS, order="zigzag"), "order must be 'hilbert_cropped', 'hilbert' or 'ss2d'"),
         (lambda: PAMEBlock(4, 8, ()), "tasks must name at least one task"),
         (lambda: PAMMDecoder([8, 8, 8], TASKS), "in_channels must list 4 encoder levels"),
         (lambda: PAMEBlock(4, 8, TASKS, **SMALL)(torch.randn(1, 5, 2, 2)), r"\(B, 4, H, W\)"),

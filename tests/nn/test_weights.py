@@ -360,13 +360,13 @@ _PAMM_BLOCK_NAMES = {
 }
 _PAMM_ROUTER_NAMES = {
     "channel_proj": "0.conv1", "channel_norm": "0.ln", "channel_out": "0.conv3", "spatial_norm": "0.ln_sp",
-    "spatial_out": "0.conv2", "head": "1",
+    "spatial_out": "0.conv2", "spatial_pool": "0.convsp", "head": "1",
 }
 
 
-def to_official_pamm(model, grid: int) -> dict:
+def to_official_pamm(model) -> dict:
     """PAMM's checkpoint of ``model`` as ``main.py`` saves it (names of models/transformers/PAME.py,
-    MoE_mamba.py and PAME_wrapper.py): the official router's spatial pooling is a Linear(H*W, 1)."""
+    MoE_mamba.py and PAME_wrapper.py)."""
     out = {}
     conv = lambda w: w[..., None, None] if w.ndim == 2 else w  # noqa: E731  (1x1 convs where mtssm has Linears)
     for key, v in model.state_dict().items():
@@ -386,6 +386,8 @@ def to_official_pamm(model, grid: int) -> dict:
                 out[pre + ("first_decode" if mr.group(1) == "proj" else "input_norm") + "." + mr.group(2)] = v
             elif (mr := re.match(r"(\w+)\.(\w+)\.(weight|bias)$", rest)) and mr.group(1) in _PAMM_BLOCK_NAMES:
                 out[f"{pre}{_PAMM_BLOCK_NAMES[mr.group(1)]}.{mr.group(2)}.{mr.group(3)}"] = v
+                if mr.group(1) == "task_conv":  # the official block runs a MoE conv here and drops its output
+                    out[f"{pre}conv2d0.proj_task.{mr.group(2)}.W.{mr.group(3)}"] = torch.randn(2)
             elif mr := re.match(r"([BC])_experts\.(.+)", rest):
                 moe, sub = f"{pre}{mr.group(1)}_proj0.", mr.group(2)
                 if me := re.match(r"(experts|task_paths\.(\w+))\.(down|up)_(weight|bias)", sub):
@@ -400,43 +402,35 @@ def to_official_pamm(model, grid: int) -> dict:
                 elif me := re.match(r"(mix|out)_norms\.(\w+)\.(.+)", sub):
                     out[f"{moe}{'Bn_all' if me.group(1) == 'mix' else 'Bn'}.{me.group(2)}.{me.group(3)}"] = v
                 elif me := re.match(r"routers\.(\w+)\.(\w+)\.(weight|bias)", sub):
-                    if me.group(2) != "spatial_logits":
-                        w = conv(v) if me.group(3) == "weight" and me.group(2) in ("channel_out", "spatial_out", "head") else v
-                        out[f"{moe}router.{me.group(1)}.{_PAMM_ROUTER_NAMES[me.group(2)]}.{me.group(3)}"] = w
-            elif rest.startswith("local_conv."):  # the official block runs a MoE conv here and drops its output
-                t = rest.split(".")[1]
-                out[f"{pre}conv2d0.proj_task.{t}.W.weight"] = torch.randn(2, 8, 3, 3)
-    for s in range(4):
-        for bc in "BC":
-            for t in model.tasks:
-                out[f"backbone.stage_MTLoRA_mamba.{s}.{bc}_proj0.router.{t}.0.convsp.weight"] = torch.randn(1, grid * grid)
-                out[f"backbone.stage_MTLoRA_mamba.{s}.{bc}_proj0.router.{t}.0.convsp.bias"] = torch.randn(1)
+                    w = conv(v) if me.group(3) == "weight" and me.group(2) in ("channel_out", "spatial_out", "head") else v
+                    out[f"{moe}router.{me.group(1)}.{_PAMM_ROUTER_NAMES[me.group(2)]}.{me.group(3)}"] = w
     return {f"module.{k}": v for k, v in out.items()}
 
 
 def test_official_pamm_checkpoint_layout(tmp_path):
-    """Every tensor of PAMM's checkpoint lands where mtssm keeps it; what mtssm's PAMM has no place
-    for (the official router's Linear(H*W, 1) spatial pooling) is named, one line, and A_log / D
-    (never saved) get the official constants."""
+    """Every tensor of PAMM's checkpoint lands where mtssm keeps it; A_log / D (never saved) get the
+    official constants, the priors (never saved) are named absent, the discarded conv ignored."""
     vit = dict(embed_dim=32, depth=4, num_heads=2, img_size=32, patch_size=16, class_token=False)
+    pamm = dict(tasks=("semseg", "depth"), dim=64, expert_rank=4, task_rank=4, router_pool="linear", router_grid=(2, 2))
     torch.manual_seed(0)
-    src = perturb(create_model("pamm_tiny", encoder="vit_large", encoder_kwargs=vit, tasks=("semseg", "depth"),
-                               dim=64, expert_rank=4, task_rank=4)).eval()
+    src = perturb(create_model("pamm_tiny", encoder="vit_large", encoder_kwargs=vit, **pamm)).eval()
     path = tmp_path / "PAMM_nyud.pth"
-    torch.save({"model": to_official_pamm(src, grid=2), "optimizer": {"state": {}, "param_groups": []},
+    torch.save({"model": to_official_pamm(src), "optimizer": {"state": {}, "param_groups": []},
                 "epoch": 3, "iter_count": 7}, path)
-    dst = create_model("pamm_tiny", encoder="vit_large", encoder_kwargs=vit, tasks=("semseg", "depth"),
-                       dim=64, expert_rank=4, task_rank=4).eval()
-    with pytest.raises(ValueError, match=r"pamm-official layout\): 32 missing keys \[decoder\.blocks\.0\.B_experts\.routers\.semseg\.spatial_logits") as err:
-        load_model_weights(dst, path)
-    assert "\n" not in str(err.value)
-    res = load_model_weights(dst, path, strict=False)
+    dst = create_model("pamm_tiny", encoder="vit_large", encoder_kwargs=vit, **pamm).eval()
+    res = load_model_weights(dst, path)
     assert res.layout == "pamm-official" and (res.mean, res.std) == IMAGENET
-    assert all(k.endswith(("convsp.weight", "convsp.bias")) for k in res.unexpected) and len(res.unexpected) == 32
-    assert all(".spatial_logits." in k for k in res.missing) and not res.mismatched
+    assert not res.unexpected and not res.missing and not res.mismatched
     assert sorted(res.defaults) == sorted(f"decoder.blocks.{s}.{p}.{t}" for s in range(4) for p in ("A_log", "D") for t in ("semseg", "depth"))
-    assert all(".prior_" in k or ".local_conv." in k for k in res.absent)
+    assert sorted(res.absent) == sorted(f"decoder.blocks.{s}.prior_{bc}.{t}" for s in range(4) for bc in "BC" for t in ("semseg", "depth"))
     assert any(".conv2d0." in k for k in res.ignored) and "encoder.pos_embed" in res.resampled
+    router = dst.decoder.blocks[1].C_experts.routers["depth"].spatial_pool.weight
+    torch.testing.assert_close(router, src.decoder.blocks[1].C_experts.routers["depth"].spatial_pool.weight)
+    # a model whose routers pool by attention has no place for the official Linear(H*W, 1)
+    other = create_model("pamm_tiny", encoder="vit_large", encoder_kwargs=vit, **{**pamm, "router_pool": "attention"})
+    with pytest.raises(ValueError, match=r"pamm-official layout\): 32 missing keys \[decoder\.blocks\.0\.B_experts\.routers\.semseg\.spatial_logits") as err:
+        load_model_weights(other, path)
+    assert "\n" not in str(err.value)
     torch.testing.assert_close(dst.decoder.blocks[2].A_log["depth"][5], torch.log(torch.arange(1.0, 5.0)))
     skip = set(res.missing) | set(res.absent) | set(res.defaults)
     src_state = src.state_dict()

@@ -18,8 +18,10 @@
   ``MoE``s ``B_proj0`` / ``C_proj0``) and per task ``task_mask.{t}``; heads
   ``heads.{t}.{mt_proj.{0,1},linear_pred}``. The code keeps ``A_log`` and ``D`` in plain dicts at
   their initial values (``log(1..N)``, ones), so the file never holds them and they are set to
-  those; its task priors are also unsaved (random at construction), so they are left as they are.
-  ``conv2d0`` (a conv whose output the official forward discards) is dropped.
+  those; its task priors are also unsaved (random at construction, never trained), so they are
+  left as they are. ``conv2d0`` (a conv whose output the official forward discards) is dropped.
+  The routers' ``SpatialAtt.convsp`` (``Linear(H*W, 1)``) loads into a model built with
+  ``router_pool="linear"`` for the same grid.
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ def _fit_numel(m: Mapping, state: dict[str, Tensor], key: str, file_key: str, va
 # official MoE router (SpatialAtt + 1x1 conv) -> mtssm TaskRouter
 _PAMM_ROUTER = {
     "0.conv1": "channel_proj", "0.ln": "channel_norm", "0.conv3": "channel_out",
-    "0.ln_sp": "spatial_norm", "0.conv2": "spatial_out", "1": "head",
+    "0.ln_sp": "spatial_norm", "0.conv2": "spatial_out", "0.convsp": "spatial_pool", "1": "head",
 }
 _PAMM_BLOCK = {
     "task_conv": "task_conv", "task_input_norm0": "task_norm", "proj_z0": "gate_proj",
@@ -208,7 +210,7 @@ def _convert_pamm(tensors: dict[str, Tensor], model: nn.Module, path: str) -> Ma
                     m.put(f"{which}{norms}.{me.group(2)}.{me.group(3)}", key, value)
                 elif me := re.match(r"router\.(.+?)\.(0\.\w+|1)\.(weight|bias)$", sub):
                     part = _PAMM_ROUTER.get(me.group(2))
-                    if part is None:  # SpatialAtt.convsp, a Linear(H*W, 1): no counterpart in TaskRouter
+                    if part is None:
                         m.unplaced.append(key)
                     else:
                         _fit_numel(m, state, f"{which}routers.{me.group(1)}.{part}.{me.group(3)}", key, value)
