@@ -8,8 +8,9 @@ Run from the repository root (the C++ program is built with CMake first)::
 Per model, in one run: eager PyTorch, the ``torch.export`` program (``mtssm export``), the
 AOTInductor package run from Python (``torch._inductor.aoti_load_package``) and the C++ program
 ``deploy/cpp`` (``mtssm_run``) on a PNG of the same size. Each runs in its own process, so the
-peak memory is that process's resident-set high-water mark (``ru_maxrss`` from ``wait4``: the
-interpreter, libraries, weights and activations, everything the deployment would hold). Latency is
+peak memory is that process's resident-set high-water mark (``ru_maxrss`` from ``wait4`` in a bare
+launcher process, so that it does not inherit this one's: the interpreter, libraries, weights and
+activations, everything the deployment would hold). Latency is
 the median over ``--iters`` runs after one warm-up run; for the C++ program, the run time it prints
 per image, images after the first. Every way's outputs are checked against eager (relative L2
 error). Exporting and compiling take minutes per model on 2 cores: programs and packages are kept
