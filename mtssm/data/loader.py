@@ -3,8 +3,10 @@
 
 The sampler yields ``(index, seed)`` pairs: the index order is a permutation drawn from
 ``(seed, epoch)`` (train) or ``0..N-1`` (eval), and each sample's augmentation seed is drawn from
-``(seed, epoch, index)``. Both are pure functions of the loader's state, so a loader rebuilt from
-``state_dict()`` yields exactly the batches (ids and pixels) an uninterrupted run would have.
+``(seed, epoch, index)``. Both are pure functions of the epoch and the position in it, so the
+loader's ``state_dict()`` is just those two numbers (counted in the main process as batches are
+handed out): a loader rebuilt from it yields exactly the batches (ids and pixels) an uninterrupted
+run would have, with any ``num_workers``.
 
 Batches cross from the worker processes compact (uint8 image levels, labels and normal codes, see
 ``ToTensor(compact=True)``, about a third of the float bytes) and :func:`finalize_batch` turns
@@ -42,7 +44,8 @@ class _SeededIterator(Iterator[tuple[int, int]]):
 
     def __next__(self) -> tuple[int, int]:
         if self.yielded >= len(self._order):
-            self.sampler.epoch = max(self.sampler.epoch, self.epoch + 1)  # this epoch is done
+            if self.epoch >= self.sampler.epoch:  # this epoch is done
+                self.sampler.epoch, self.sampler.start = self.epoch + 1, 0
             raise StopIteration
         i = self.yielded
         self.yielded += 1
@@ -59,13 +62,13 @@ class _SeededIterator(Iterator[tuple[int, int]]):
 class SeededSampler(Sampler[tuple[int, int]]):
     """Yields ``(index, augmentation_seed)`` for ``n`` samples; shuffled per epoch if ``shuffle``.
 
-    ``epoch`` counts the passes run to the end; ``iter()`` starts a pass over epoch ``epoch``
-    (creating an iterator twice, as the multi-worker loader does, does not skip an epoch).
-    ``state_dict()`` holds ``epoch``.
+    ``epoch`` counts the passes run to the end; ``iter()`` starts a pass over epoch ``epoch`` at
+    position ``start`` (0 unless a resumed loader set it; creating an iterator twice, as the
+    multi-worker loader does, does not skip an epoch). ``state_dict()`` holds ``epoch``.
     """
 
     def __init__(self, n: int, shuffle: bool, seed: int = 0) -> None:
-        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.n, self.shuffle, self.seed, self.epoch, self.start = n, shuffle, seed, 0, 0
 
     def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(order, seeds) of ``epoch``: order (n,) sample indices, seeds (n,) uint32."""
@@ -75,7 +78,7 @@ class SeededSampler(Sampler[tuple[int, int]]):
         return order, seeds[order]
 
     def __iter__(self) -> _SeededIterator:
-        return _SeededIterator(self, self.epoch)
+        return _SeededIterator(self, self.epoch, self.start)
 
     def __len__(self) -> int:
         return self.n
@@ -188,9 +191,36 @@ class _FinalizingIterator(Iterator[TensorDict]):
         return len(self._it)  # type: ignore[arg-type]
 
 
+class _CountingIterator(Iterator[Any]):
+    """Wraps one pass of a :class:`_Loader`: records in the loader the sampler position of every
+    batch handed out (``(epoch, position)``; ``(epoch + 1, 0)`` once the pass ends)."""
+
+    def __init__(self, it: Iterator[Any], loader: _Loader, epoch: int, start: int) -> None:
+        self._it, self._loader, self._epoch, self._position = it, loader, epoch, start
+        loader._position = (epoch, start)
+
+    def __next__(self) -> Any:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self._loader._position = (self._epoch + 1, 0)
+            raise
+        self._position += self._loader.batch_size
+        self._loader._position = (self._epoch, self._position)
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._it)  # type: ignore[arg-type]
+
+
 class _Loader(StatefulDataLoader):
     """:class:`StatefulDataLoader` whose batches go through :func:`finalize_batch` when
-    ``finalize_pin_memory`` is not None (the value says whether to pin them)."""
+    ``finalize_pin_memory`` is not None (the value says whether to pin them), and whose state is
+    the sampler's epoch and position, the same whatever ``num_workers`` (torchdata's own state
+    holds the workers' and does not load into a loader with another count; such states, from
+    older checkpoints, still load into a loader of their count)."""
+
+    STATE_KEY = "mtssm_sampler_position"
 
     def __init__(self, *args: Any, finalize_pin_memory: bool | None = None, normalization: Any = None,
                  **kwargs: Any) -> None:
@@ -201,10 +231,33 @@ class _Loader(StatefulDataLoader):
         self._normalization = normalization
 
     def __iter__(self) -> Iterator[TensorDict]:
-        it = super().__iter__()
+        sampler: SeededSampler = self.sampler  # type: ignore[assignment]
+        epoch, start = sampler.epoch, sampler.start
+        it: Iterator[Any] = _CountingIterator(super().__iter__(), self, epoch, start)
         if self._finalize_pin_memory is None:
             return it
         return _FinalizingIterator(it, self._finalize_pin_memory, self._normalization)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{STATE_KEY: [epoch, position]}``: the pass and the sampler position of the next batch."""
+        sampler: SeededSampler = self.sampler  # type: ignore[assignment]
+        position = getattr(self, "_position", None) or (sampler.epoch, sampler.start)
+        return {self.STATE_KEY: [int(position[0]), int(position[1])]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.STATE_KEY not in state:  # torchdata's own state (checkpoints of earlier versions)
+            saved = state.get("_snapshot", {}).get("_main_snapshot", {}).get("_num_workers", 0)
+            if saved != self.num_workers:
+                raise ValueError(
+                    f"this loader state was written by an earlier mtssm with data.num_workers={saved}; "
+                    f"resume it with data.num_workers={saved}"
+                )
+            super().load_state_dict(state)
+            return
+        epoch, position = (int(v) for v in state[self.STATE_KEY])
+        sampler: SeededSampler = self.sampler  # type: ignore[assignment]
+        sampler.epoch, sampler.start = epoch, position
+        self._position = (epoch, position)
 
 
 class _FileError:

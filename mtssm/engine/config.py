@@ -44,6 +44,9 @@ __all__ = [
     "valid_keys",
 ]
 
+#: Upper bound of optim.lr and optim.weight_decay (float32 step factors overflow far beyond it).
+MAX_RATE = 1e4
+
 
 class ConfigError(ValueError):
     """A recipe that does not match the schema: unknown key, wrong type or invalid value."""
@@ -346,6 +349,11 @@ def _check_values(cfg: RecipeConfig) -> None:
             raise ConfigError(f"model.{key}: expected a file path or none, got an empty string")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr: expected a positive learning rate, got {o.lr}")
+    # The optimizers turn lr and lr * weight_decay into float32 step factors: far beyond any
+    # useful value they overflow inside the step (a traceback), so they are bounded here.
+    for key, value in (("optim.lr", o.lr), ("optim.weight_decay", o.weight_decay)):
+        if value > MAX_RATE:
+            raise ConfigError(f"{key}: expected a value of at most {MAX_RATE:g}, got {value:g}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas: expected two values in [0, 1), got {o.betas!r}")
     unit = {

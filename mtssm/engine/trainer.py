@@ -85,7 +85,8 @@ class NonFiniteWeightsError(NonFiniteError):
 #: the restored run: the schedule is rebuilt for the new ``train.steps``, the optimizer takes the
 #: new ``optim.*`` values. A change of any other key is refused.
 RESUMABLE_KEYS: tuple[str, ...] = (
-    "name", "description", "source", "data.root", "data.eval_batch_size", "optim.lr", "optim.weight_decay",
+    "name", "description", "source", "data.root", "data.eval_batch_size", "data.num_workers", "optim.lr",
+    "optim.weight_decay",
     "optim.betas", "optim.momentum", "schedule.*", "train.steps", "train.grad_clip", "train.compile",
     "train.device", "train.threads", "train.log_every", "train.eval_every", "train.ckpt_every",
     "train.keep_ckpts", "train.progress", "eval.*",

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensordict import TensorDict
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mtssm.data import build_dataset, make_dataloader
 from mtssm.data.loader import CompactSamples, collate, finalize_batch
@@ -66,14 +67,14 @@ def test_drop_last(nyud_root: Path) -> None:
     assert len(list(make_dataloader(ds, 4, train=False, num_workers=0))) == 2
 
 
-@pytest.mark.parametrize("num_workers, k", [(0, 1), (0, 3), (2, 2), (2, 3)])
-def test_resume_mid_epoch_continues_exactly(nyud_root: Path, num_workers: int, k: int) -> None:
-    """k batches, save, rebuild from the state: the rest (this epoch and the next) equals an
-    uninterrupted run, ids and pixels."""
+@pytest.mark.parametrize("num_workers, resumed_workers, k", [(0, 0, 1), (0, 0, 3), (2, 2, 2), (2, 2, 3), (2, 0, 1), (0, 1, 2)])
+def test_resume_mid_epoch_continues_exactly(nyud_root: Path, num_workers: int, resumed_workers: int, k: int) -> None:
+    """k batches, save, rebuild from the state (with the same or another worker count): the rest
+    (this epoch and the next) equals an uninterrupted run, ids and pixels."""
     ds = build_dataset("nyud", nyud_root, "train", train=True, crop_size=CROP)
 
-    def loader():
-        return make_dataloader(ds, 2, train=True, num_workers=num_workers, seed=3, drop_last=False)
+    def loader(workers: int = num_workers):
+        return make_dataloader(ds, 2, train=True, num_workers=workers, seed=3, drop_last=False)
 
     full = loader()
     reference = list(full) + list(full)  # two epochs of 3 batches
@@ -82,7 +83,7 @@ def test_resume_mid_epoch_continues_exactly(nyud_root: Path, num_workers: int, k
     consumed = [next(it) for _ in range(k)]  # k = 3 ends the first epoch
     state = interrupted.state_dict()
     del it, interrupted
-    resumed = loader()
+    resumed = loader(resumed_workers)
     resumed.load_state_dict(state)
     rest = list(resumed) + list(resumed)
     got = consumed + rest
@@ -185,3 +186,16 @@ def test_loader_asks_the_dataset_for_compact_samples_and_leaves_it_alone(nyud_ro
 def test_finalize_batch_rejects_a_plain_dict() -> None:
     with pytest.raises(TypeError, match="TensorDict"):
         finalize_batch({"image": torch.zeros(1, 3, 4, 4, dtype=torch.uint8)})
+
+
+@pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
+def test_torchdata_states_of_earlier_versions_resume_only_with_their_worker_count(nyud_root: Path) -> None:
+    ds = build_dataset("nyud", nyud_root, "train", train=True, crop_size=CROP)
+    old = StatefulDataLoader(list(range(8)), batch_size=2, num_workers=2)
+    it = iter(old)
+    next(it)
+    state = old.state_dict()
+    del it
+    with pytest.raises(ValueError, match=r"earlier mtssm with data.num_workers=2; resume it with data.num_workers=2"):
+        make_dataloader(ds, 2, train=True, num_workers=0).load_state_dict(state)
+    make_dataloader(ds, 2, train=True, num_workers=2).load_state_dict(state)  # its own count: loads

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -80,6 +81,30 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     train(standin.make_components(cfg), b, resume=True)
     _assert_same(_final_weights(tmp_path / "a"), _final_weights(b))
     assert _steps_logged(b) == list(range(1, steps + 1))  # records past the checkpoint were replaced
+
+
+def test_resume_with_another_worker_count_matches_uninterrupted_run(tmp_path):
+    """A run stopped after its step-3 checkpoint and resumed with data.num_workers 2 instead of 0
+    (another machine) ends with the weights of the uninterrupted run: 10 steps over 6-batch
+    epochs, so the resumed part crosses an epoch."""
+    cfg = standin.make_config(steps=10, ckpt_every=3)
+    train(standin.make_components(cfg), tmp_path / "a")
+    comps = standin.make_components(cfg)
+    real_loss, calls = comps.loss_fn, {"n": 0}
+
+    def crash_at_step_5(preds, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_loss(preds, batch)
+
+    comps.loss_fn = crash_at_step_5
+    with pytest.raises(KeyboardInterrupt):
+        train(comps, tmp_path / "b")
+    assert ckpt.latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_00000003"
+    more = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=2))
+    train(standin.make_components(more), tmp_path / "b", resume=True)
+    _assert_same(_final_weights(tmp_path / "a"), _final_weights(tmp_path / "b"))
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path):

@@ -73,6 +73,8 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     [
         ("optim.lr=.inf", "optim.lr: expected a finite number, got inf"),
         ("optim.lr=.nan", "optim.lr: expected a finite number, got nan"),
+        ("optim.lr=1e45", "optim.lr: expected a value of at most 10000, got 1e+45"),
+        ("optim.weight_decay=1e30", "optim.weight_decay: expected a value of at most 10000, got 1e+30"),
         ("optim.betas=[2, 3]", "optim.betas: expected two values in [0, 1), got [2.0, 3.0]"),
         ("train.seed=-1", "train.seed: expected a value >= 0, got -1"),
         ("train.device=tpu", "train.device: unknown device 'tpu'"),
