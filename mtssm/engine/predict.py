@@ -187,10 +187,19 @@ def predict_tensor(model: nn.Module, image: Tensor) -> dict[str, Tensor]:
     """Run ``model`` on one normalised image ``(3, H, W)``; returns ``{task: (C_t, H, W)}``.
 
     The image is zero-padded (the data pipeline's image padding value) up to a multiple of the
-    encoder stride and the outputs are cropped back to ``H, W``.
+    encoder stride, or up to the model's :attr:`~mtssm.nn.MultiTaskModel.fixed_input_size` when it
+    has one, and the outputs are cropped back to ``H, W``.
     """
     h, w = image.shape[-2:]
     ph, pw = -h % _MULTIPLE, -w % _MULTIPLE
+    fixed = getattr(model, "fixed_input_size", None)
+    if fixed is not None:
+        if h > fixed[0] or w > fixed[1]:
+            raise ValueError(
+                f"a {h}x{w} image is larger than {fixed[0]}x{fixed[1]}, the only input size this model runs at "
+                f"(its routers pool over a fixed grid); resize or crop the image"
+            )
+        ph, pw = fixed[0] - h, fixed[1] - w
     x = F.pad(image[None], (0, pw, 0, ph))
     param = next(model.parameters(), None)
     if param is not None:

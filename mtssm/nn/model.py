@@ -95,6 +95,17 @@ class MultiTaskModel(nn.Module):
         self.input_mean.copy_(torch.tensor(mean))
         self.input_std.copy_(torch.tensor(std))
 
+    @property
+    def fixed_input_size(self) -> tuple[int, int] | None:
+        """``(H, W)``, the only input size the model runs at, or None when it runs at any size
+        (the input sizes a decoder fixes: PAMM's official routers, ``Linear(H*W, 1)`` per level)."""
+        grids = getattr(self.decoder, "fixed_grids", None)
+        if not grids:
+            return None
+        info = self.encoder.feature_info[0]
+        stride = int(info.stride) if hasattr(info, "stride") else int(info[1])
+        return grids[0][0] * stride, grids[0][1] * stride
+
     def aux_losses(self) -> dict[str, Tensor]:
         """Auxiliary training losses of the last forward, by name (``{"load_balancing": ...}`` for
         a decoder with routed experts; empty otherwise). The trainer adds them to the task loss

@@ -343,6 +343,10 @@ class PAMMDecoder(nn.Module):
         self.dim, self.upsample = dim, upsample
         n = len(self.in_channels)
         grids = _level_grids(router_grid, n)
+        linear = block_kwargs.get("router_pool", "linear") == "linear"
+        #: (H, W) of every level when the routers pool with Linear(H*W, 1) (the model runs at one
+        #: input size only), else None.
+        self.fixed_grids: list[tuple[int, int]] | None = grids if linear and grids[0] is not None else None  # type: ignore[assignment]
         self.blocks = nn.ModuleList(
             PAMEBlock(c, dim, self.tasks, router_grid=g, **block_kwargs, **fk) for c, g in zip(self.in_channels, grids)
         )

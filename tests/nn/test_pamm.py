@@ -304,3 +304,24 @@ def test_errors_are_one_line():
         assert "\n" not in str(info.value)
     with pytest.raises(RuntimeError, match="needs a forward pass first"):
         PAMMDecoder([8, 8, 8, 8], TASKS, dim=16, **SMALL).aux_loss()
+
+
+def test_a_model_with_official_routers_has_one_input_size_and_predict_pads_to_it():
+    from mtssm.engine.predict import predict_tensor
+
+    vit = dict(embed_dim=32, depth=4, num_heads=2, img_size=32, patch_size=16, class_token=False)
+    torch.manual_seed(0)
+    model = create_model("pamm_tiny", encoder="vit_large", encoder_kwargs=vit, tasks=TASKS, dim=64,
+                         router_pool="linear", router_grid=(2, 2), echo=None).eval()
+    assert model.fixed_input_size == (32, 32)
+    assert create_model("pamm_tiny", echo=None).fixed_input_size is None  # attention routers: any size
+    assert create_model("pamm_vit_large_pascal", device="meta", echo=None).fixed_input_size == (512, 512)
+    image = torch.randn(3, 20, 27)
+    preds = predict_tensor(model, image)
+    with torch.no_grad():
+        expect = model(F.pad(image[None], (0, 5, 0, 12)))
+    for t in TASKS:
+        torch.testing.assert_close(preds[t], expect[t][0, :, :20, :27])
+    with pytest.raises(ValueError, match=r"a 40x32 image is larger than 32x32, the only input size this model runs at") as err:
+        predict_tensor(model, torch.randn(3, 40, 32))
+    assert "\n" not in str(err.value)
