@@ -30,7 +30,7 @@ from mtssm.engine.checkpoint import resolve_checkpoint
 from mtssm.engine.config import RecipeConfig, check_encoder_weights, config_to_dict, load_recipe_file
 from mtssm.engine.distributed import barrier, cleanup, init_distributed
 from mtssm.engine.evaluate import evaluate_recipe, format_table, write_result
-from mtssm.engine.export import deploy_commands, export_model
+from mtssm.engine.export import check_export_target, deploy_commands, export_model
 from mtssm.engine.predict import output_stems, predict_dataset, predict_images
 from mtssm.engine.lock import RunFolderBusyError, lock_run_folder
 from mtssm.engine.resolve import resolve_model
@@ -233,6 +233,7 @@ def export(ckpt: Path | None, out: Path, size: str | None, fmt: str, recipe: str
         except ValueError:
             raise ValueError(f"--size: expected HxW like 96x128, got {size!r}") from None
         hw = (h, w)
+    check_export_target(out, fmt)
     model, cfg, _ = _resolve(ckpt, recipe, weights, encoder_weights, overrides)
     path = export_model(model, cfg, out, size=hw, format=fmt)
     click.echo(f"wrote {path}")

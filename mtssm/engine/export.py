@@ -47,6 +47,7 @@ __all__ = [
     "NORMALIZATION_FILE",
     "EXPORT_FORMATS",
     "OPS_LIBRARY_NAME",
+    "check_export_target",
     "compile_package",
     "default_export_size",
     "deploy_commands",
@@ -194,13 +195,20 @@ def export_checkpoint(
     :data:`EXPORT_FORMATS`. With ``"aoti"`` the op library is copied next to ``out`` as
     :data:`OPS_LIBRARY_NAME`.
     """
+    check_export_target(out, format)
+    model, cfg, _ = load_model_from_checkpoint(ckpt)
+    return export_model(model, cfg, out, size=size, batch=batch, format=format)
+
+
+def check_export_target(out: str | Path, format: str) -> Path:
+    """``out`` as a Path, or a one-line ValueError for an unknown ``format`` or an AOTInductor
+    package not named ``*.pt2`` (checked before anything is loaded)."""
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format: expected one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
     out = Path(out)
     if format == "aoti" and out.suffix != ".pt2":
         raise ValueError(f"--out {str(out)!r}: an AOTInductor package must be named *.pt2")
-    model, cfg, _ = load_model_from_checkpoint(ckpt)
-    return export_model(model, cfg, out, size=size, batch=batch, format=format)
+    return out
 
 
 def export_model(
@@ -215,11 +223,7 @@ def export_model(
     """Export ``model`` (built from recipe ``cfg``) for inputs ``(batch, 3, *size)`` to ``out``
     (written atomically) in ``format`` (:data:`EXPORT_FORMATS`), with its input statistics
     (:data:`NORMALIZATION_FILE`, or the package metadata)."""
-    if format not in EXPORT_FORMATS:
-        raise ValueError(f"format: expected one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
-    out = Path(out)
-    if format == "aoti" and out.suffix != ".pt2":
-        raise ValueError(f"--out {str(out)!r}: an AOTInductor package must be named *.pt2")
+    out = check_export_target(out, format)
     h, w = size or default_export_size(cfg)
     if h % 32 or w % 32 or h <= 0 or w <= 0:
         raise ValueError(f"size: expected positive multiples of 32, got {h}x{w}")
