@@ -4,8 +4,8 @@ The fixtures in ``tests/fixtures/official/`` were written once by ``scripts/make
 which runs the official MTMamba, MTMamba++ and PAMM code on CPU (its CUDA scan replaced by mamba-ssm's
 ``selective_scan_ref``) at small widths with random weights: each holds the checkpoint in the official
 format (DDP ``module.`` keys, mmseg Swin) and, beside it, an input and the official outputs. Here the
-checkpoint goes through :func:`~mtssm.nn.weights.load_model_weights` into the registered mtssm model
-built with the same small hyperparameters, whose outputs must match to 1e-4 (relative to the largest
+checkpoint goes through ``create_model(..., weights=...)`` (:func:`~mtssm.nn.weights.load_model_weights`)
+into the registered mtssm model built with the same small hyperparameters, whose outputs must match to 1e-4 (relative to the largest
 official value).
 """
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mtssm.nn import create_model
-from mtssm.nn.weights import IMAGENET, load_encoder_weights, load_model_weights
+from mtssm.nn.weights import IMAGENET, load_encoder_weights
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "official"
 RTOL = 1e-4
@@ -45,8 +45,8 @@ def assert_outputs_match(model, io) -> None:
 def test_official_mtmamba_outputs(name, registered):
     path, io = official(name)
     cfg = dict(io["config"])
-    model = create_model(registered, encoder="swin_tiny", **cfg).eval()
-    report = load_model_weights(model, path)
+    model = create_model(registered, encoder="swin_tiny", weights=path, echo=None, **cfg).eval()
+    (report,) = model.weights_reports
     assert report.ok and report.layout == f"{name}-official", report.summary()
     assert (report.mean, report.std) == IMAGENET
     assert not report.absent and not report.defaults
@@ -62,8 +62,8 @@ def test_official_mtmamba_outputs(name, registered):
 
 def test_official_pamm_outputs():
     path, io = official("pamm")
-    model = create_model("pamm_vit_large_nyud", **io["config"]).eval()
-    report = load_model_weights(model, path)
+    model = create_model("pamm_vit_large_nyud", weights=path, echo=None, **io["config"]).eval()
+    (report,) = model.weights_reports
     assert report.ok and report.layout == "pamm-official", report.summary()
     assert (report.mean, report.std) == IMAGENET
     assert not report.missing and not report.unexpected
