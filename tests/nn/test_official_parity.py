@@ -5,8 +5,8 @@ which runs the official MTMamba, MTMamba++ and PAMM code on CPU (its CUDA scan r
 ``selective_scan_ref``) at small widths with random weights: each holds the checkpoint in the official
 format (DDP ``module.`` keys, mmseg Swin) and, beside it, an input and the official outputs. Here the
 checkpoint goes through ``create_model(..., weights=...)`` (:func:`~mtssm.nn.weights.load_model_weights`)
-into the registered mtssm model built with the same small hyperparameters, whose outputs must match to 1e-4 (relative to the largest
-official value).
+into the registered mtssm model built with the same small hyperparameters, whose outputs must match
+to 1e-4 (relative to the largest official value).
 """
 
 from __future__ import annotations
