@@ -35,3 +35,19 @@ def mamba_ref():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+#: Test folders whose tiny models run on one thread: on a shared 2-core machine, multi-threaded
+#: kernels on tensors this small mostly wait for each other.
+ONE_THREAD_FOLDERS = ("engine", "faults", "recipes")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    if request.path.parent.name not in ONE_THREAD_FOLDERS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -98,14 +98,7 @@ def _convert_mtmamba(tensors: dict[str, Tensor], model: nn.Module, layout: str, 
 
     m = Mapping(layout)
     m.mean, m.std = IMAGENET  # both official pipelines normalise with ImageNet statistics
-    backbone = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    enc = convert_encoder(model.encoder, backbone)
-    if enc.layout == "unknown":
-        m.unplaced += [f"backbone.{k}" for k in backbone]
-    else:
-        m.merge(enc, "encoder.")
-        m.ignored = [f"backbone.{k}" for k in m.ignored]
-        m.unplaced = [f"backbone.{k}" for k in m.unplaced]
+    _merge_backbone(m, model, tensors)
     for key, value in tensors.items():
         if key.startswith("backbone."):
             continue
@@ -160,6 +153,20 @@ _PAMM_BLOCK = {
 }
 
 
+def _merge_backbone(m: Mapping, model: nn.Module, tensors: dict[str, Tensor],
+                    decoder_modules: tuple[str, ...] = ()) -> None:
+    """Map the file's encoder, the tensors under ``backbone.``, into ``model.encoder`` (keys under
+    ``encoder.``); keys of ``decoder_modules`` (under ``backbone.`` too) are left to the caller."""
+    backbone = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    enc = convert_encoder(model.encoder, backbone)
+    if enc.layout == "unknown":
+        m.unplaced += [f"backbone.{k}" for k in backbone if not k.startswith(decoder_modules)]
+        return
+    m.merge(enc, "encoder.")
+    m.ignored = [f"backbone.{k}" for k in m.ignored if not k.startswith(decoder_modules)]
+    m.unplaced = [f"backbone.{k}" for k in m.unplaced]
+
+
 def _convert_pamm(tensors: dict[str, Tensor], model: nn.Module, path: str) -> Mapping:
     decoder = model.decoder
     if not isinstance(decoder, PAMMDecoder):
@@ -169,15 +176,8 @@ def _convert_pamm(tensors: dict[str, Tensor], model: nn.Module, path: str) -> Ma
     state = model.state_dict()
     m = Mapping("pamm-official")
     m.mean, m.std = IMAGENET  # PAMM's data pipeline normalises with ImageNet statistics
-    backbone = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    enc = convert_encoder(model.encoder, backbone)
-    if enc.layout == "unknown":
-        m.unplaced += [f"backbone.{k}" for k in backbone]
-    else:
-        m.merge(enc, "encoder.")
-    # the ViT converter passes over the decoder's modules of the backbone class; they are mapped below
-    m.ignored = [f"backbone.{k}" for k in m.ignored if not k.startswith(("stage_MTLoRA_mamba.", "task_mask."))]
-    m.unplaced = [f"backbone.{k}" for k in m.unplaced]
+    # PAMM's backbone class also holds its decoder's modules; they are mapped below
+    _merge_backbone(m, model, tensors, decoder_modules=("stage_MTLoRA_mamba.", "task_mask."))
     experts: dict[str, dict[int, dict[str, tuple[str, Tensor]]]] = {}  # model prefix -> expert -> part
     for key, value in tensors.items():
         if key.startswith("backbone.") and not key.startswith(("backbone.stage_MTLoRA_mamba.", "backbone.task_mask.")):
